@@ -1,0 +1,161 @@
+"""Real servers for the tests: Debian's influxd (InfluxDB 1.6, v1 API) and victoria-metrics (speaks the
+InfluxDB v2 write API), each on a free 127.0.0.1 port with a temporary data directory, stopped afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(url, timeout=1.0).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"server at {url} did not start in {timeout} s: {log.read_text()[-2000:]}")
+
+
+class Influxd:
+    """influxd (InfluxDB 1.x) on loopback. ``stop()``/``start()`` keep the data directory, for outage tests."""
+
+    def __init__(self, workdir: Path) -> None:
+        if not shutil.which("influxd"):
+            raise RuntimeError("influxd not installed: apt-get install influxdb (scripts/test.sh does this)")
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.rpc_port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.conf = self.dir / "influxdb.conf"
+        self.conf.write_text(f"""
+reporting-disabled = true
+bind-address = "127.0.0.1:{self.rpc_port}"
+[meta]
+  dir = "{self.dir}/meta"
+[data]
+  dir = "{self.dir}/data"
+  wal-dir = "{self.dir}/wal"
+  query-log-enabled = false
+  trace-logging-enabled = false
+[coordinator]
+[retention]
+  enabled = false
+[shard-precreation]
+  enabled = false
+[monitor]
+  store-enabled = false
+[http]
+  enabled = true
+  bind-address = "127.0.0.1:{self.port}"
+  log-enabled = false
+  max-body-size = 0
+[continuous_queries]
+  enabled = false
+[subscriber]
+  enabled = false
+""")
+
+    def start(self) -> Influxd:
+        log = self.dir / "influxd.log"
+        self.proc = subprocess.Popen(["influxd", "-config", str(self.conf)], stdout=log.open("ab"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        _wait_http(f"{self.url}/ping", self.proc, log)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+
+    def query(self, q: str, db: str = "dcmon") -> list[dict]:
+        """Run InfluxQL; return the list of series (each {'name','columns','values', maybe 'tags'})."""
+        r = httpx.get(f"{self.url}/query", params={"q": q, "db": db, "epoch": "ns"}, timeout=30)
+        r.raise_for_status()
+        res = r.json()["results"][0]
+        if "error" in res:
+            raise RuntimeError(f"{q}: {res['error']}")
+        return res.get("series", [])
+
+    def create_db(self, db: str) -> None:
+        httpx.post(f"{self.url}/query", params={"q": f'CREATE DATABASE "{db}"'}, timeout=30).raise_for_status()
+
+    def drop_db(self, db: str) -> None:
+        httpx.post(f"{self.url}/query", params={"q": f'DROP DATABASE "{db}"'}, timeout=30).raise_for_status()
+
+    def count(self, measurement: str, field: str = "voltage_v", db: str = "dcmon", where: str = "") -> int:
+        series = self.query(f'SELECT count("{field}") FROM "{measurement}" {where}', db)
+        return int(series[0]["values"][0][1]) if series else 0
+
+
+class VictoriaMetrics:
+    """victoria-metrics on loopback: accepts InfluxDB line protocol on /write and /api/v2/write."""
+
+    def __init__(self, workdir: Path) -> None:
+        if not shutil.which("victoria-metrics"):
+            raise RuntimeError("victoria-metrics not installed: apt-get install victoria-metrics")
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> VictoriaMetrics:
+        log = self.dir / "vm.log"
+        self.proc = subprocess.Popen(
+            ["victoria-metrics", f"-storageDataPath={self.dir}/data", f"-httpListenAddr=127.0.0.1:{self.port}",
+             "-retentionPeriod=100y", "-search.disableCache", "-loggerLevel=ERROR"],
+            stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        _wait_http(f"{self.url}/health", self.proc, log)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+
+    def flush(self) -> None:
+        httpx.get(f"{self.url}/internal/force_flush", timeout=10)
+
+    def export(self, match: str) -> list[dict]:
+        """Series matching a PromQL selector, via /api/v1/export (JSON lines)."""
+        import json
+        deadline = time.monotonic() + 10
+        while True:  # freshly written series become searchable a moment after a flush
+            self.flush()
+            r = httpx.get(f"{self.url}/api/v1/export", params={"match[]": match}, timeout=30)
+            r.raise_for_status()
+            rows = [json.loads(line) for line in r.text.splitlines() if line.strip()]
+            if rows or time.monotonic() > deadline:
+                return rows
+            time.sleep(0.2)
