@@ -1,0 +1,102 @@
+"""The ``dcmon`` command: the poller and the bench tools, one argparse tree.
+
+Exit status: 0 ok, 1 a runtime error (one line on stderr), 2 bad configuration or usage, 130 interrupted.
+No traceback ever reaches the user for an error we know; ``--log-level debug`` shows details.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import ConfigError, DcmonError
+
+# Modules that add subcommands (each has add_commands(subparsers)). Kept as a list so each stage of the
+# stack owns its own commands.
+COMMAND_MODULES = (
+    "dcmon.poller",     # run, simulate, check-config, status
+    "dcmon.tools",      # scan, set-address, shunt, reset-energy, read, watch, calibrate, check-accuracy
+    "dcmon.spool_cli",  # spool (depth, export, quarantine)
+    "dcmon.grafana",    # grafana-import
+)
+
+DEFAULT_CONFIGS = ("config.toml", "/etc/dcmon/config.toml")
+
+
+def default_config() -> str:
+    env = os.environ.get("DCMON_CONFIG")
+    if env:
+        return env
+    for c in DEFAULT_CONFIGS:
+        if Path(c).exists():
+            return c
+    return DEFAULT_CONFIGS[0]
+
+
+def common_parser() -> argparse.ArgumentParser:
+    """Options every subcommand takes (also accepted before the subcommand)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--config", "-c", default=argparse.SUPPRESS,
+                   help="configuration file (default: $DCMON_CONFIG, ./config.toml, /etc/dcmon/config.toml)")
+    p.add_argument("--log-level", default=argparse.SUPPRESS, choices=("debug", "info", "warning", "error"),
+                   help="how much to log (default: the config's poller.log_level, or info)")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = common_parser()
+    parser = argparse.ArgumentParser(prog="dcmon", parents=[common],
+                                     description="PZEM power meters on RS485 → InfluxDB → Grafana")
+    parser.add_argument("--version", action="version", version=f"dcmon {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # that stage is not part of this build
+                continue
+            raise
+        mod.add_commands(sub, common)
+    return parser
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)-7s %(message)s" if sys.stderr.isatty() or not
+                        os.environ.get("JOURNAL_STREAM") else "%(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "config"):
+        args.config = default_config()
+    if not hasattr(args, "log_level"):
+        args.log_level = None
+    setup_logging(args.log_level or "info")
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"dcmon: configuration error: {e}", file=sys.stderr)
+        return 2
+    except DcmonError as e:
+        print(f"dcmon: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("dcmon: interrupted", file=sys.stderr)
+        return 130
+
+
+def run_main() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run_main()

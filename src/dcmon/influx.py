@@ -1,0 +1,122 @@
+"""The InfluxDB HTTP writer: line protocol in, an answer classified into the error tree out.
+
+v1: ``POST /write?db=&rp=&precision=ns`` with basic auth when a username is set (InfluxDB 1.x; 2.x, 3.x and
+Cloud accept it too). v2: ``POST /api/v2/write?org=&bucket=&precision=ns`` with ``Authorization: Token``.
+
+Classification (what the sender does with each):
+- 2xx                       → acknowledged
+- 400 / 422                 → SinkPermanent: the server said which line is bad (1.x/2.x: "... line N ...")
+- 401 / 403 / 404           → SinkAuth: credentials, org, bucket or database wrong; keep the data
+- 413                       → SinkTooLarge: split the batch
+- 429 / 5xx / network error → SinkRetryable, with Retry-After when the server sent it
+The token and password never appear in a message: httpx errors are reduced to their class and the host.
+"""
+
+from __future__ import annotations
+
+import re
+from email.utils import parsedate_to_datetime
+from datetime import datetime, timezone
+
+import httpx
+
+from .config import InfluxConfig
+from .errors import SinkAuth, SinkError, SinkPermanent, SinkRetryable, SinkTooLarge
+
+_LINE_RE = re.compile(r"line (\d+)")
+
+
+class InfluxSink:
+    def __init__(self, cfg: InfluxConfig) -> None:
+        self.cfg = cfg
+        verify: bool | str = cfg.ca_file if (cfg.verify_tls and cfg.ca_file) else cfg.verify_tls
+        auth = None
+        headers = {"Content-Type": "text/plain; charset=utf-8"}
+        if cfg.api == 2:
+            self.path = "/api/v2/write"
+            self.params = {"org": cfg.org, "bucket": cfg.bucket, "precision": "ns"}
+            if cfg.token:
+                headers["Authorization"] = f"Token {cfg.token}"
+        else:
+            self.path = "/write"
+            self.params = {"db": cfg.database, "precision": "ns"}
+            if cfg.retention_policy:
+                self.params["rp"] = cfg.retention_policy
+            if cfg.username:
+                auth = httpx.BasicAuth(cfg.username, cfg.password)
+            elif cfg.token:  # InfluxDB 2.x/3.x v1-compatibility with a token
+                headers["Authorization"] = f"Token {cfg.token}"
+        self.where = f"InfluxDB at {cfg.url}"
+        self._client = httpx.Client(base_url=cfg.url, timeout=cfg.timeout_s, verify=verify, auth=auth, headers=headers)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def write(self, lines: list[str]) -> None:
+        """Write one batch. Returns on success, raises a SinkError subclass otherwise."""
+        body = ("\n".join(lines) + "\n").encode()
+        try:
+            r = self._client.post(self.path, params=self.params, content=body)
+        except httpx.TimeoutException:
+            raise SinkRetryable(f"{self.where}: no answer within {self.cfg.timeout_s:g} s") from None
+        except httpx.TransportError as e:
+            raise SinkRetryable(f"{self.where}: {_reason(e)}") from None
+        self._classify(r)
+
+    def _classify(self, r: httpx.Response) -> None:
+        s = r.status_code
+        if 200 <= s < 300:
+            return
+        msg = _server_message(r)
+        if s in (400, 422):
+            bad = sorted({int(n) - 1 for n in _LINE_RE.findall(msg)})
+            raise SinkPermanent(f"{self.where} rejected the data ({s}): {msg}", status=s, bad_lines=bad)
+        if s in (401, 403):
+            what = "token" if self.cfg.api == 2 or self.cfg.token else "username/password"
+            raise SinkAuth(f"{self.where} refused the {what} ({s}): {msg}; fix influxdb credentials "
+                           f"(DCMON_INFLUXDB_TOKEN / config.local.toml); readings stay in the spool", status=s)
+        if s == 404:
+            target = f"bucket {self.cfg.bucket!r} in org {self.cfg.org!r}" if self.cfg.api == 2 else f"database {self.cfg.database!r}"
+            raise SinkAuth(f"{self.where}: {target} not found ({msg}); create it or fix the config; "
+                           f"readings stay in the spool", status=s)
+        if s == 413:
+            raise SinkTooLarge(f"{self.where}: batch too large (413)", status=s)
+        if s == 429 or s >= 500:
+            raise SinkRetryable(f"{self.where} is unavailable ({s}): {msg}", status=s,
+                                retry_after=_retry_after(r.headers.get("Retry-After")))
+        raise SinkError(f"{self.where} answered {s}: {msg}", status=s)
+
+
+def _reason(e: Exception) -> str:
+    text = str(e).lower()
+    if "refused" in text:
+        return "connection refused (is InfluxDB running?)"
+    if "name or service" in text or "resolution" in text or "nodename" in text:
+        return "host name not found"
+    if "certificate" in text or "ssl" in text:
+        return "TLS certificate not trusted (set influxdb.ca_file, or verify_tls = false for a test server)"
+    return f"connection failed ({type(e).__name__})"
+
+
+def _server_message(r: httpx.Response) -> str:
+    try:
+        data = r.json()
+        msg = data.get("error") or data.get("message") or r.text
+    except ValueError:
+        msg = r.text
+    msg = " ".join(str(msg).split())
+    return msg[:300] if msg else r.reason_phrase
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
