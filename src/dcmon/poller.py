@@ -1,0 +1,554 @@
+"""The poller: every configured meter on every configured bus, into the spool, on a monotonic schedule.
+
+One thread per bus (meters on a bus in turn, buses in parallel); each bus cycle's readings go into the spool
+in one transaction; a sender thread drains the spool to InfluxDB. Polling never waits on the network, and a
+meter that does not answer costs its own bus at most ``timeout × (retries + 1)`` per cycle.
+
+Decisions (see docs/configuration.md):
+- A reading is timestamped (wall clock, ns) when the meter's reply arrived.
+- Cycles are scheduled on ``time.monotonic()`` deadlines: start + k × interval. An overrun skips the slots it
+  missed instead of bunching polls up (no drift, no burst).
+- Energy going down is a counter reset (or wrap), never negative use: the reading carries
+  ``energy_reset=true``; dashboards compute energy from non-negative differences.
+- PZEM meters just powered up have returned wrong values with a valid CRC. A meter that starts answering
+  again after it had stopped (power-cycled) is given ``poller.settle_s`` before its readings are kept; at
+  start-up the meters are assumed settled (a Pi boots slower than a meter). Independently, a reading whose
+  values are impossible for the model (above its range, or P far from V × I) is discarded and counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .bus import Bus, BusSettings
+from .config import Config, SensorConfig, load
+from .errors import BusError, DcmonError, DeviceError
+from .meter import read_values, set_shunt
+from .models import FieldValue, Model
+from .reading import Reading, encode_line
+
+log = logging.getLogger("dcmon.poller")
+
+
+# ------------------------------------------------------------------------------------ per-sensor state
+
+@dataclass
+class SensorState:
+    """What the poller knows about one meter between cycles (also what `dcmon status` shows)."""
+
+    cfg: SensorConfig
+    polls_ok: int = 0
+    polls_failed: int = 0
+    discarded: int = 0
+    up: bool | None = None           # None: not polled yet
+    last_error: str = ""
+    last_time_ns: int = 0
+    last_values: dict[str, FieldValue] = field(default_factory=dict)
+    latency_ms: float = 0.0
+    last_energy: float | None = None
+    settle_until: float = 0.0        # monotonic; readings before this are discarded
+    shunt_pending: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+
+def is_plausible(model: Model, v: dict[str, FieldValue]) -> str:
+    """Empty string if the values are possible for this model, else the reason."""
+    volt, amp, watt = float(v["voltage_v"]), float(v["current_a"]), float(v["power_w"])
+    if volt > model.max_voltage_v * 1.2 or amp > model.max_current_a * 1.2:
+        return f"{volt:g} V / {amp:g} A is outside the {model.title}'s range"
+    pf = float(v.get("power_factor", 1.0)) or 1.0
+    expected = volt * amp * (pf if model.kind == "ac" else 1.0)
+    if abs(watt - expected) > 0.10 * expected + 2.0 + 0.02 * (volt + amp):
+        return f"power {watt:g} W does not match V × I = {expected:.1f} W"
+    return ""
+
+
+def apply_calibration(cfg: SensorConfig, values: dict[str, FieldValue]) -> dict[str, FieldValue]:
+    """value = raw × gain + offset for voltage and current; power is scaled by the same factors
+    (P = V × I); the energy counter is left as the meter counts it."""
+    cal = cfg.calibration
+    if cal.is_identity:
+        return values
+    out = dict(values)
+    v_raw, i_raw = float(values["voltage_v"]), float(values["current_a"])
+    v = max(0.0, v_raw * cal.voltage_gain + cal.voltage_offset)
+    i = max(0.0, i_raw * cal.current_gain + cal.current_offset)
+    kv = v / v_raw if v_raw else cal.voltage_gain
+    ki = i / i_raw if i_raw else cal.current_gain
+    out["voltage_v"] = round(v, 3)
+    out["current_a"] = round(i, 4)
+    out["power_w"] = round(float(values["power_w"]) * kv * ki, 2)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- poller
+
+class Poller:
+    """Owns the buses and sensor states; `poll_bus_once` is one cycle of one bus."""
+
+    def __init__(self, cfg: Config, *, put: Callable[[list[str]], None], buses: dict[str, Bus] | None = None,
+                 on_reading: Callable[[Reading], None] | None = None, settle_on_start: bool = False) -> None:
+        self.cfg = cfg
+        self.put = put
+        self.on_reading = on_reading
+        self.host = cfg.host
+        self.buses = buses if buses is not None else {
+            name: Bus(BusSettings(name=name, port=b.port, baudrate=b.baudrate, bytesize=b.bytesize, parity=b.parity,
+                                  stopbits=cfg.stopbits(name), timeout_s=b.timeout_s, retries=b.retries, gap_s=b.gap_s))
+            for name, b in cfg.buses.items() if cfg.enabled_sensors(name)
+        }
+        self.states = {s.name: SensorState(cfg=s, shunt_pending=cfg.poller.apply_shunt_codes and s.shunt_a is not None)
+                       for s in cfg.enabled_sensors()}
+        self.bus_errors: dict[str, str] = {}
+        self.cycles = 0
+        self._settle_on_start = settle_on_start
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------ one cycle
+    def poll_bus_once(self, bus_name: str) -> list[Reading]:
+        """Poll every meter on one bus once; spool what was read (one transaction); return the readings."""
+        bus = self.buses[bus_name]
+        readings: list[Reading] = []
+        if not self._open(bus):
+            for s in self.cfg.enabled_sensors(bus_name):
+                self.states[s.name].polls_failed += 1
+            return readings
+        for s in self.cfg.enabled_sensors(bus_name):
+            r = self._poll_sensor(bus, self.states[s.name])
+            if r is not None:
+                readings.append(r)
+        if readings:
+            self.put([r.to_line() for r in readings])
+            if self.on_reading:
+                for r in readings:
+                    self.on_reading(r)
+        return readings
+
+    def _open(self, bus: Bus) -> bool:
+        try:
+            bus.open()
+        except BusError as e:
+            if self.bus_errors.get(bus.name) != str(e):
+                log.error("%s; retrying every cycle", e)
+                self.bus_errors[bus.name] = str(e)
+            return False
+        if self.bus_errors.pop(bus.name, None):
+            log.info("bus %r: %s is open again", bus.name, bus.settings.port)
+        return True
+
+    def _poll_sensor(self, bus: Bus, st: SensorState) -> Reading | None:
+        s = st.cfg
+        who = f"sensor {s.name!r} (bus {s.bus!r}, address {s.address})"
+        if st.shunt_pending:
+            self._apply_shunt(bus, st, who)
+        t0 = time.monotonic()
+        try:
+            values = read_values(bus, s.meter, s.address)
+        except (BusError, DeviceError) as e:
+            st.polls_failed += 1
+            msg = str(e)
+            if st.up is not False or st.last_error != msg:
+                log.warning("%s: %s", who, msg)
+            st.up, st.last_error = False, msg
+            return None
+        now_ns = time.time_ns()
+        mono = time.monotonic()
+        st.latency_ms = (mono - t0) * 1000.0
+        st.polls_ok += 1
+        if st.up is False:
+            log.info("%s answers again (after %d failed polls)", who, st.polls_failed)
+            st.settle_until = mono + self.cfg.poller.settle_s
+        elif st.up is None and self._settle_on_start:
+            st.settle_until = mono + self.cfg.poller.settle_s
+        st.up, st.last_error = True, ""
+        if mono < st.settle_until:
+            st.discarded += 1
+            log.debug("%s: reading discarded while the meter settles", who)
+            return None
+        why = is_plausible(s.meter, values)
+        if why:
+            st.discarded += 1
+            log.warning("%s: implausible reading discarded: %s", who, why)
+            return None
+        values = apply_calibration(s, values)
+        energy = float(values["energy_wh"])
+        reset = st.last_energy is not None and energy < st.last_energy
+        if reset:
+            log.info("%s: energy counter went from %g to %g Wh: counted as a reset", who, st.last_energy, energy)
+        st.last_energy = energy
+        st.last_values, st.last_time_ns = values, now_ns
+        return self.make_reading(s, values, now_ns, energy_reset=reset)
+
+    def make_reading(self, s: SensorConfig, values: dict[str, FieldValue], time_ns: int, *,
+                     energy_reset: bool = False) -> Reading:
+        fields: dict[str, float | int | bool | str] = {}
+        for k, v in values.items():
+            fields[k] = v if isinstance(v, bool) else float(v)
+        fields["calibrated"] = not s.calibration.is_identity
+        fields["energy_reset"] = energy_reset
+        tags = {"sensor": s.name, "model": s.model, "address": str(s.address), "bus": s.bus, "host": self.host, **s.tags}
+        ix = self.cfg.influxdb
+        measurement = ix.measurement if s.meter.kind == "dc" else ix.measurement_ac
+        return Reading(measurement=measurement, time_ns=time_ns, tags=tags, fields=fields, sensor=s.name)
+
+    def _apply_shunt(self, bus: Bus, st: SensorState, who: str) -> None:
+        s = st.cfg
+        assert s.shunt_a is not None
+        try:
+            changed = set_shunt(bus, s.meter, s.address, s.shunt_a)
+        except (BusError, DeviceError) as e:
+            log.warning("%s: could not apply shunt code for %d A: %s (will retry)", who, s.shunt_a, e)
+            return
+        st.shunt_pending = False
+        if changed:
+            log.info("%s: shunt code set to %d A and read back", who, s.shunt_a)
+        else:
+            log.info("%s: shunt code already %d A", who, s.shunt_a)
+
+    # ------------------------------------------------------------------------------- health
+    def health_lines(self, spool_stats: object | None = None, sender: object | None = None) -> list[str]:
+        now = time.time_ns()
+        m = self.cfg.influxdb.health_measurement
+        lines = []
+        for st in self.states.values():
+            lines.append(encode_line(m, {"host": self.host, "bus": st.cfg.bus, "sensor": st.name},
+                                     {"polls_ok": st.polls_ok, "polls_failed": st.polls_failed,
+                                      "discarded": st.discarded, "latency_ms": round(st.latency_ms, 2),
+                                      "up": bool(st.up)}, now))
+        f: dict[str, float | int | bool | str] = {"cycles": self.cycles}
+        if spool_stats is not None:
+            f["spool_depth"] = int(getattr(spool_stats, "depth", 0))
+            f["spool_dropped"] = int(getattr(spool_stats, "dropped_total", 0))
+            f["quarantined"] = int(getattr(spool_stats, "quarantined", 0))
+            oldest = getattr(spool_stats, "oldest_time_ns", None)
+            f["spool_oldest_age_s"] = round(max(0.0, (now - oldest) / 1e9), 3) if oldest else 0.0
+        if sender is not None:
+            f["sent_points"] = int(getattr(sender, "sent_points", 0))
+            f["send_failures"] = int(getattr(sender, "send_failures", 0))
+        lines.append(encode_line(m, {"host": self.host, "bus": "_all", "sensor": "_poller"}, f, now))
+        return lines
+
+    def status(self) -> dict[str, object]:
+        return {
+            "time": time.time(),
+            "pid": os.getpid(),
+            "cycles": self.cycles,
+            "buses": {name: {"port": b.settings.port, "error": self.bus_errors.get(name, "")} for name, b in self.buses.items()},
+            "sensors": {st.name: {"bus": st.cfg.bus, "address": st.cfg.address, "model": st.cfg.model, "up": st.up,
+                                  "polls_ok": st.polls_ok, "polls_failed": st.polls_failed, "discarded": st.discarded,
+                                  "last_error": st.last_error, "last_time_ns": st.last_time_ns,
+                                  "latency_ms": round(st.latency_ms, 2), "values": st.last_values}
+                        for st in self.states.values()},
+        }
+
+    def close(self) -> None:
+        for b in self.buses.values():
+            b.close()
+
+
+def next_deadline(start: float, interval: float, now: float) -> float:
+    """The first slot start + k × interval that is after ``now`` (skips missed slots)."""
+    if interval <= 0:
+        return now
+    k = int((now - start) // interval) + 1
+    return start + k * interval
+
+
+def bus_loop(poller: Poller, bus_name: str, stop: threading.Event, progress: Callable[[str], None] | None = None) -> None:
+    interval = poller.cfg.poller.interval_s
+    start = time.monotonic()
+    while not stop.is_set():
+        poller.poll_bus_once(bus_name)
+        if progress:
+            progress(f"poll:{bus_name}")
+        deadline = next_deadline(start, interval, time.monotonic())
+        stop.wait(max(0.0, deadline - time.monotonic()))
+
+
+# ------------------------------------------------------------------------------------- the run command
+
+def status_path(cfg: Config) -> Path:
+    """Where the running poller publishes its status for `dcmon status`: $DCMON_STATUS_PATH, else the
+    systemd runtime directory (tmpfs: no SD-card writes), else beside the spool."""
+    if os.environ.get("DCMON_STATUS_PATH"):
+        return Path(os.environ["DCMON_STATUS_PATH"])
+    if os.environ.get("RUNTIME_DIRECTORY"):
+        return Path(os.environ["RUNTIME_DIRECTORY"].split(":")[0]) / "status.json"
+    return cfg.resolve(cfg.spool.path).with_name("status.json")
+
+
+def start_simulators(cfg: Config) -> list:
+    """--simulate: serve each bus's configured meters on a pty and point the bus at it."""
+    from .simulator import Simulator, meters_for
+
+    sims = []
+    for name in list(cfg.buses):
+        sensors = cfg.enabled_sensors(name)
+        if not sensors:
+            continue
+        meters = meters_for([(s.model, s.address) for s in sensors])
+        for m, s in zip(meters, sensors):
+            if s.shunt_a and m.model.shunt_codes:   # a commissioned meter: its code matches its shunt
+                m.true_shunt_a = s.shunt_a
+                m.holding[0x0003] = m.model.shunt_codes[s.shunt_a]
+        sim = Simulator(meters).start()
+        sims.append(sim)
+        cfg.buses[name].port = sim.path
+        log.info("bus %r: simulating %d meter(s) on %s", name, len(meters), sim.path)
+    return sims
+
+
+def format_reading(r: Reading) -> str:
+    f = r.fields
+    text = f"{r.sensor:<12} {float(f['voltage_v']):8.2f} V {float(f['current_a']):8.3f} A {float(f['power_w']):9.1f} W {float(f['energy_wh']):10.0f} Wh"
+    alarms = [k for k, v in f.items() if k.endswith("_alarm") and v is True]
+    if "frequency_hz" in f:
+        text += f" {float(f['frequency_hz']):5.1f} Hz PF {float(f['power_factor']):.2f}"
+    if alarms:
+        text += "  ALARM: " + ", ".join(alarms)
+    return text
+
+
+def run(cfg: Config, *, simulate: bool = False, once: bool = False, echo: bool = False,
+        stop: threading.Event | None = None) -> int:
+    """The main job. Returns the exit status."""
+    from .influx import InfluxSink
+    from .sender import Sender
+    from .spool import Spool
+
+    stop = stop or threading.Event()
+    sims = start_simulators(cfg) if simulate else []
+    spool = Spool.open(cfg.resolve(cfg.spool.path), max_bytes=cfg.spool.max_bytes,
+                       max_age_s=cfg.spool.max_age_days * 86400, durability=cfg.spool.durability)
+    sink = InfluxSink(cfg.influxdb) if cfg.influxdb.enabled else None
+    sender = Sender(spool, sink, batch_lines=cfg.spool.batch_lines)
+    watchdog = _watchdog()
+
+    def put(lines: list[str]) -> None:
+        spool.put(lines)
+        sender.poke()
+
+    def show(r: Reading) -> None:
+        print(format_reading(r), flush=True)
+
+    poller = Poller(cfg, put=put, on_reading=show if (echo or once) else None)
+    if not poller.states:
+        log.warning("no enabled sensors in %s: nothing to poll", cfg.source)
+    if not sink:
+        log.warning("influxdb.enabled = false: readings are kept in the spool %s only", cfg.resolve(cfg.spool.path))
+    try:
+        if once:
+            return _run_once(cfg, poller, sender, spool)
+        return _run_forever(cfg, poller, sender, spool, stop, watchdog)
+    finally:
+        poller.close()
+        spool.close()
+        if sink:
+            sink.close()
+        for s in sims:
+            s.stop()
+
+
+def _run_once(cfg: Config, poller: Poller, sender: object, spool: object) -> int:
+    threads = [threading.Thread(target=poller.poll_bus_once, args=(name,), name=f"poll {name}") for name in poller.buses]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    poller.cycles += 1
+    failed = [st for st in poller.states.values() if not st.up]
+    if cfg.influxdb.enabled:
+        if sender.flush(timeout_s=min(30.0, cfg.influxdb.timeout_s * 2)):  # type: ignore[attr-defined]
+            log.info("all readings written to %s", cfg.influxdb.url)
+        else:
+            depth = spool.stats().depth  # type: ignore[attr-defined]
+            log.warning("%d reading(s) kept in the spool: %s", depth, sender.last_error or "InfluxDB did not take them")  # type: ignore[attr-defined]
+    return 1 if failed or not poller.states else 0
+
+
+def _run_forever(cfg: Config, poller: Poller, sender: object, spool: object, stop: threading.Event,
+                 watchdog: object) -> int:
+    progress = getattr(watchdog, "progress", None)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("%s received: finishing the current cycle and flushing", signal.Signals(signum).name)
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+    threads = [threading.Thread(target=bus_loop, args=(poller, name, stop, progress), name=f"poll {name}", daemon=True)
+               for name in poller.buses]
+
+    def send_loop() -> None:
+        sender.run(stop)  # type: ignore[attr-defined]
+
+    sender_thread = threading.Thread(target=send_loop, name="sender", daemon=True)
+    for t in threads:
+        t.start()
+    sender_thread.start()
+    log.info("polling %d sensor(s) on %d bus(es) every %g s", len(poller.states), len(poller.buses), cfg.poller.interval_s)
+    if hasattr(watchdog, "ready"):
+        watchdog.ready(f"polling {len(poller.states)} sensors")  # type: ignore[attr-defined]
+    spath = status_path(cfg)
+    next_health = time.monotonic() + min(10.0, cfg.poller.health_interval_s or 10.0)
+    while not stop.wait(1.0):
+        poller.cycles += 1
+        stats = spool.stats()  # type: ignore[attr-defined]
+        _write_status(spath, {**poller.status(), "spool": _stats_dict(stats), "sender_error": getattr(sender, "last_error", "")})
+        if cfg.poller.health_interval_s and time.monotonic() >= next_health:
+            next_health = time.monotonic() + cfg.poller.health_interval_s
+            spool.put(poller.health_lines(stats, sender))  # type: ignore[attr-defined]
+        if hasattr(watchdog, "maybe_ping"):
+            watchdog.maybe_ping()  # type: ignore[attr-defined]
+    for t in threads:
+        t.join(timeout=max(5.0, max((b.timeout_s * (b.retries + 1) for b in cfg.buses.values()), default=0) * 10))
+    sender_thread.join(timeout=5.0)
+    if cfg.influxdb.enabled and not sender.flush(timeout_s=5.0):  # type: ignore[attr-defined]
+        log.info("%d reading(s) stay in the spool for the next start", spool.stats().depth)  # type: ignore[attr-defined]
+    if hasattr(watchdog, "stopping"):
+        watchdog.stopping()  # type: ignore[attr-defined]
+    log.info("stopped")
+    return 0
+
+
+def _watchdog() -> object:
+    try:
+        from .systemd import Watchdog
+    except ImportError:
+        return object()
+    return Watchdog()
+
+
+def _stats_dict(stats: object) -> dict[str, object]:
+    return {k: getattr(stats, k) for k in ("depth", "bytes", "oldest_time_ns", "dropped_total", "quarantined", "last_error")
+            if hasattr(stats, k)}
+
+
+def _write_status(path: Path, data: dict[str, object]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, default=str))
+        os.replace(tmp, path)
+    except OSError as e:
+        log.debug("cannot write status file %s: %s", path, e)
+
+
+# ---------------------------------------------------------------------------------------- commands
+
+def _setup(args: argparse.Namespace) -> Config:
+    cfg = load(args.config)
+    level = args.log_level or cfg.poller.log_level
+    logging.getLogger().setLevel(getattr(logging, level.upper()))
+    return cfg
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _setup(args)
+    if args.interval is not None:
+        cfg.poller.interval_s = args.interval
+    if not args.simulate:
+        _hint_missing_ports(cfg)
+    echo = args.print if args.print is not None else (sys.stdout.isatty() or args.simulate)
+    return run(cfg, simulate=args.simulate, once=args.once, echo=echo)
+
+
+def _hint_missing_ports(cfg: Config) -> None:
+    for name, b in cfg.buses.items():
+        if cfg.enabled_sensors(name) and not b.port.startswith(("socket://", "rfc2217://")) and not os.path.exists(b.port):
+            log.warning("bus %r: %s does not exist; fix buses.%s.port in %s (ls -l /dev/serial/by-id/), "
+                        "or try the stack without hardware: --simulate", name, b.port, name, cfg.source)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = load(args.config)
+    print(f"{cfg.source}: ok: {len(cfg.enabled_sensors())} sensor(s) on {len(cfg.buses)} bus(es), "
+          f"InfluxDB {'v' + str(cfg.influxdb.api) + ' at ' + cfg.influxdb.url if cfg.influxdb.enabled else 'disabled'}")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """Serve simulated meters on a pty until interrupted; print the path for other programs to open."""
+    from .simulator import Simulator, meters_for
+
+    meters = meters_for([(args.model, a) for a in args.address])
+    sim = Simulator(meters, timing=args.timing, turnaround_s=args.turnaround, link=args.link).start()
+    print(sim.link or sim.path, flush=True)
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        stop.wait()
+    finally:
+        sim.stop()
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cfg = load(args.config)
+    path = status_path(cfg)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DcmonError(f"no status at {path}: is the poller running? (systemctl status dcmon)") from None
+    except (OSError, ValueError) as e:
+        raise DcmonError(f"cannot read status {path}: {e}") from None
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    age = time.time() - float(data.get("time", 0))
+    print(f"poller pid {data.get('pid')}, status {age:.0f} s old{' (STALE: is it still running?)' if age > 30 else ''}")
+    for name, b in data.get("buses", {}).items():
+        print(f"bus {name}: {b['port']}{'  ERROR: ' + b['error'] if b.get('error') else ''}")
+    for name, s in data.get("sensors", {}).items():
+        v = s.get("values") or {}
+        state = {True: "up", False: "DOWN", None: "not polled"}[s.get("up")]
+        when = f"{(time.time_ns() - s['last_time_ns']) / 1e9:.0f} s ago" if s.get("last_time_ns") else "never"
+        vals = f"{v.get('voltage_v', 0):.2f} V {v.get('current_a', 0):.2f} A {v.get('power_w', 0):.1f} W" if v else ""
+        print(f"  {name:<12} {state:<10} ok {s['polls_ok']} failed {s['polls_failed']}  last {when}  {vals}"
+              f"{'  ' + s['last_error'] if s.get('last_error') else ''}")
+    sp = data.get("spool", {})
+    if sp:
+        print(f"spool: {sp.get('depth', 0)} queued, {sp.get('dropped_total', 0)} dropped, {sp.get('quarantined', 0)} quarantined"
+              f"{'  last error: ' + data['sender_error'] if data.get('sender_error') else ''}")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("run", parents=[common], help="poll the meters and write to InfluxDB (the main job)")
+    p.add_argument("--simulate", action="store_true", help="poll simulated meters on a pseudo-terminal instead of the ports")
+    p.add_argument("--once", action="store_true", help="one cycle: poll, print, send, exit (1 if a meter failed)")
+    p.add_argument("--interval", type=float, default=None, help="override poller.interval_s")
+    p.add_argument("--print", dest="print", action="store_true", default=None, help="print each reading (default on a terminal)")
+    p.add_argument("--no-print", dest="print", action="store_false", help="do not print readings")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("check-config", parents=[common], help="validate the configuration and exit")
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("simulate", parents=[common], help="serve simulated PZEM meters on a pseudo-terminal")
+    p.add_argument("--model", default="pzem017", help="meter model (default pzem017)")
+    p.add_argument("--address", type=int, action="append", help="address to serve (repeat; default 1)")
+    p.add_argument("--timing", action="store_true", help="delay replies by the 9600-baud wire time")
+    p.add_argument("--turnaround", type=float, default=0.0, help="extra reply delay in seconds (with --timing)")
+    p.add_argument("--link", default=None, help="also make this symlink to the pty (e.g. /tmp/pzem)")
+    p.set_defaults(func=cmd_simulate, address=None)
+
+    p = sub.add_parser("status", parents=[common], help="what the running poller is doing")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
