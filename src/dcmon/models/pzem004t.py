@@ -1,7 +1,8 @@
 """PZEM-004T v3 (TTL), PZEM-014 and PZEM-016 (RS485): AC meters, 9600 8N1 (8N2 breaks them).
 
 Source: the PZEM-004T v3 manual, checked against ESPHome ``pzemac`` and the Arduino ``PZEM-004T-v30``.
-Reply to ``01 04 00 00 00 0A 70 0D`` (read 10 input registers from 0x0000), 25 bytes:
+Reply to ``01 04 00 00 00 0A 70 0D`` (read 10 input registers from 0x0000), 25 bytes, as published in ESPHome
+``pzemac.cpp`` and Tasmota ``xnrg_05_pzem_ac.ino``:
 
     01 04 14  address, function, byte count = 20
     08 D1     0x0000 voltage                       2257 × 0.1 V   = 225.7 V
@@ -9,12 +10,12 @@ Reply to ``01 04 00 00 00 0A 70 0D`` (read 10 input registers from 0x0000), 25 b
     00 00     0x0002 current, high word            ┘
     00 F4     0x0003 power, low word               ┐ 244 × 0.1 W   = 24.4 W
     00 00     0x0004 power, high word              ┘
-    00 00     0x0005 energy, low word              ┐ Wh
+    00 26     0x0005 energy, low word              ┐ 0x26 = 38 Wh
     00 00     0x0006 energy, high word             ┘
     01 F4     0x0007 frequency                     500 × 0.1 Hz  = 50.0 Hz
     00 64     0x0008 power factor                  100 × 0.01    = 1.00
     00 00     0x0009 power alarm                   0xFFFF = alarm
-    CRC lo, CRC hi
+    51 34     CRC-16/MODBUS, low byte first
 
 The metering chip is powered from the AC side: with no mains the meter does not answer at all.
 """
