@@ -28,7 +28,7 @@ from pymodbus.client import ModbusSerialClient
 from pymodbus.exceptions import ModbusException
 from pymodbus.pdu import ExceptionResponse, ModbusPDU
 
-from .errors import BusError, DeviceError, NoResponse
+from .errors import BusError, DeviceError, NoResponse, PortNotFound
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def check_port(port: str, bus: str = "") -> None:
         return
     where = f"bus {bus!r}: " if bus else ""
     if not os.path.exists(port):
-        raise BusError(f"{where}serial port {port} not found (is the adapter plugged in? ls -l /dev/serial/by-id/)", bus=bus)
+        raise PortNotFound(f"{where}serial port {port} not found (is the adapter plugged in? ls -l /dev/serial/by-id/)", bus=bus)
     try:
         fd = os.open(port, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
     except PermissionError:

@@ -3,7 +3,8 @@ and, where we know it, what to do about it. Nothing below is ever shown as a tra
 
     DcmonError
     ├── ConfigError        file, key, problem, fix                       → exit status 2
-    ├── BusError           the line failed: port missing/busy/no permission, bad CRC, foreign frame
+    ├── BusError           the line failed: port busy/no permission, bad CRC, foreign frame
+    │   ├── PortNotFound   the serial port does not exist
     │   └── NoResponse     nothing (valid) came back before the timeout
     ├── DeviceError        the meter answered, but with an exception code, or a write did not read back
     └── SinkError          the database refused or could not be reached
@@ -37,6 +38,10 @@ class BusError(DcmonError):
     def __init__(self, message: str, *, bus: str = "", address: int | None = None) -> None:
         self.bus, self.address = bus, address
         super().__init__(message)
+
+
+class PortNotFound(BusError):
+    """The serial port does not exist (adapter unplugged, wrong name)."""
 
 
 class NoResponse(BusError):

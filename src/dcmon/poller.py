@@ -32,7 +32,7 @@ from typing import Callable
 
 from .bus import Bus, BusSettings
 from .config import Config, SensorConfig, load
-from .errors import BusError, DcmonError, DeviceError
+from .errors import BusError, DcmonError, DeviceError, PortNotFound
 from .meter import read_values, set_shunt
 from .models import FieldValue, Model
 from .reading import Reading, encode_line
@@ -100,7 +100,8 @@ class Poller:
     """Owns the buses and sensor states; `poll_bus_once` is one cycle of one bus."""
 
     def __init__(self, cfg: Config, *, put: Callable[[list[str]], None], buses: dict[str, Bus] | None = None,
-                 on_reading: Callable[[Reading], None] | None = None, settle_on_start: bool = False) -> None:
+                 on_reading: Callable[[Reading], None] | None = None, settle_on_start: bool = False,
+                 retrying: bool = True, hint_simulate: bool = False) -> None:
         self.cfg = cfg
         self.put = put
         self.on_reading = on_reading
@@ -115,6 +116,8 @@ class Poller:
         self.bus_errors: dict[str, str] = {}
         self.cycles = 0
         self._settle_on_start = settle_on_start
+        self._retrying = retrying
+        self._hint_simulate = hint_simulate
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------------------ one cycle
@@ -142,7 +145,8 @@ class Poller:
             bus.open()
         except BusError as e:
             if self.bus_errors.get(bus.name) != str(e):
-                log.error("%s; retrying every cycle", e)
+                hint = "; to try the stack without hardware: --simulate" if self._hint_simulate and isinstance(e, PortNotFound) else ""
+                log.error("%s%s%s", e, hint, "; retrying every cycle" if self._retrying else "")
                 self.bus_errors[bus.name] = str(e)
             return False
         if self.bus_errors.pop(bus.name, None):
@@ -323,7 +327,7 @@ def format_reading(r: Reading) -> str:
 
 
 def run(cfg: Config, *, simulate: bool = False, once: bool = False, echo: bool = False,
-        stop: threading.Event | None = None) -> int:
+        stop: threading.Event | None = None, hint_simulate: bool = False) -> int:
     """The main job. Returns the exit status."""
     from .influx import InfluxSink
     from .sender import Sender
@@ -344,7 +348,8 @@ def run(cfg: Config, *, simulate: bool = False, once: bool = False, echo: bool =
     def show(r: Reading) -> None:
         print(format_reading(r), flush=True)
 
-    poller = Poller(cfg, put=put, on_reading=show if (echo or once) else None)
+    poller = Poller(cfg, put=put, on_reading=show if (echo or once) else None, retrying=not once,
+                    hint_simulate=hint_simulate)
     if not poller.states:
         log.warning("no enabled sensors in %s: nothing to poll", cfg.source)
     if not sink:
@@ -461,17 +466,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _setup(args)
     if args.interval is not None:
         cfg.poller.interval_s = args.interval
-    if not args.simulate:
-        _hint_missing_ports(cfg)
     echo = args.print if args.print is not None else (sys.stdout.isatty() or args.simulate)
-    return run(cfg, simulate=args.simulate, once=args.once, echo=echo)
-
-
-def _hint_missing_ports(cfg: Config) -> None:
-    for name, b in cfg.buses.items():
-        if cfg.enabled_sensors(name) and not b.port.startswith(("socket://", "rfc2217://")) and not os.path.exists(b.port):
-            log.warning("bus %r: %s does not exist; fix buses.%s.port in %s (ls -l /dev/serial/by-id/), "
-                        "or try the stack without hardware: --simulate", name, b.port, name, cfg.source)
+    return run(cfg, simulate=args.simulate, once=args.once, echo=echo, hint_simulate=not args.simulate)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
