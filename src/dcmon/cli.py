@@ -67,10 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)-7s %(message)s" if sys.stderr.isatty() or not
-                        os.environ.get("JOURNAL_STREAM") else "%(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
+    """Under systemd: syslog priority prefixes for journald, no timestamps (journald adds them).
+    On a terminal: time, level, message."""
+    from .systemd import JournalFormatter, under_journal
+
+    handler = logging.StreamHandler(sys.stderr)
+    if under_journal():
+        handler.setFormatter(JournalFormatter("%(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper()))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -125,6 +125,7 @@ class Poller:
         """Poll every meter on one bus once; spool what was read (one transaction); return the readings."""
         bus = self.buses[bus_name]
         readings: list[Reading] = []
+        self.cycles += 1
         if not self._open(bus):
             for s in self.cfg.enabled_sensors(bus_name):
                 self.states[s.name].polls_failed += 1
@@ -272,14 +273,22 @@ def next_deadline(start: float, interval: float, now: float) -> float:
 
 
 def bus_loop(poller: Poller, bus_name: str, stop: threading.Event, progress: Callable[[str], None] | None = None) -> None:
+    """Poll one bus on deadlines start + k × interval until stopped. Reports progress (for the systemd
+    watchdog) after each cycle and at least every second while waiting, so only a hung poll stops it."""
     interval = poller.cfg.poller.interval_s
+    name = f"poll:{bus_name}"
     start = time.monotonic()
     while not stop.is_set():
         poller.poll_bus_once(bus_name)
         if progress:
-            progress(f"poll:{bus_name}")
+            progress(name)
         deadline = next_deadline(start, interval, time.monotonic())
-        stop.wait(max(0.0, deadline - time.monotonic()))
+        while not stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0 or stop.wait(min(left, 1.0)):
+                break
+            if progress:
+                progress(name)
 
 
 # ------------------------------------------------------------------------------------- the run command
@@ -339,7 +348,6 @@ def run(cfg: Config, *, simulate: bool = False, once: bool = False, echo: bool =
                        max_age_s=cfg.spool.max_age_days * 86400, durability=cfg.spool.durability)
     sink = InfluxSink(cfg.influxdb) if cfg.influxdb.enabled else None
     sender = Sender(spool, sink, batch_lines=cfg.spool.batch_lines)
-    watchdog = _watchdog()
 
     def put(lines: list[str]) -> None:
         spool.put(lines)
@@ -357,7 +365,7 @@ def run(cfg: Config, *, simulate: bool = False, once: bool = False, echo: bool =
     try:
         if once:
             return _run_once(cfg, poller, sender, spool)
-        return _run_forever(cfg, poller, sender, spool, stop, watchdog)
+        return _run_forever(cfg, poller, sender, spool, stop)
     finally:
         poller.close()
         spool.close()
@@ -373,7 +381,6 @@ def _run_once(cfg: Config, poller: Poller, sender: object, spool: object) -> int
         t.start()
     for t in threads:
         t.join()
-    poller.cycles += 1
     failed = [st for st in poller.states.values() if not st.up]
     if cfg.influxdb.enabled:
         if sender.flush(timeout_s=min(30.0, cfg.influxdb.timeout_s * 2)):  # type: ignore[attr-defined]
@@ -384,9 +391,10 @@ def _run_once(cfg: Config, poller: Poller, sender: object, spool: object) -> int
     return 1 if failed or not poller.states else 0
 
 
-def _run_forever(cfg: Config, poller: Poller, sender: object, spool: object, stop: threading.Event,
-                 watchdog: object) -> int:
-    progress = getattr(watchdog, "progress", None)
+def _run_forever(cfg: Config, poller: Poller, sender: object, spool: object, stop: threading.Event) -> int:
+    from .systemd import Watchdog
+
+    watchdog = Watchdog.from_env(loops=[f"poll:{name}" for name in poller.buses] + ["send"])
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("%s received: finishing the current cycle and flushing", signal.Signals(signum).name)
@@ -395,7 +403,7 @@ def _run_forever(cfg: Config, poller: Poller, sender: object, spool: object, sto
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-    threads = [threading.Thread(target=bus_loop, args=(poller, name, stop, progress), name=f"poll {name}", daemon=True)
+    threads = [threading.Thread(target=bus_loop, args=(poller, name, stop, watchdog.progress), name=f"poll {name}", daemon=True)
                for name in poller.buses]
 
     def send_loop() -> None:
@@ -406,36 +414,33 @@ def _run_forever(cfg: Config, poller: Poller, sender: object, spool: object, sto
         t.start()
     sender_thread.start()
     log.info("polling %d sensor(s) on %d bus(es) every %g s", len(poller.states), len(poller.buses), cfg.poller.interval_s)
-    if hasattr(watchdog, "ready"):
-        watchdog.ready(f"polling {len(poller.states)} sensors")  # type: ignore[attr-defined]
+    watchdog.ready(f"polling {len(poller.states)} sensor(s) on {len(poller.buses)} bus(es)")
     spath = status_path(cfg)
+    last_send_check = next_status = time.monotonic()
     next_health = time.monotonic() + min(10.0, cfg.poller.health_interval_s or 10.0)
     while not stop.wait(1.0):
-        poller.cycles += 1
+        now = time.monotonic()
         stats = spool.stats()  # type: ignore[attr-defined]
-        _write_status(spath, {**poller.status(), "spool": _stats_dict(stats), "sender_error": getattr(sender, "last_error", "")})
+        if now >= next_status:  # every 5 s: cheap, and on tmpfs under systemd (RuntimeDirectory)
+            next_status = now + 5.0
+            _write_status(spath, {**poller.status(), "spool": _stats_dict(stats), "sender_error": getattr(sender, "last_error", "")})
         if cfg.poller.health_interval_s and time.monotonic() >= next_health:
             next_health = time.monotonic() + cfg.poller.health_interval_s
             spool.put(poller.health_lines(stats, sender))  # type: ignore[attr-defined]
-        if hasattr(watchdog, "maybe_ping"):
-            watchdog.maybe_ping()  # type: ignore[attr-defined]
+        if sender_thread.is_alive() and getattr(sender, "last_progress", now) >= last_send_check:
+            watchdog.progress("send")
+        last_send_check = now
+        watchdog.maybe_ping()
     for t in threads:
         t.join(timeout=max(5.0, max((b.timeout_s * (b.retries + 1) for b in cfg.buses.values()), default=0) * 10))
     sender_thread.join(timeout=5.0)
     if cfg.influxdb.enabled and not sender.flush(timeout_s=5.0):  # type: ignore[attr-defined]
         log.info("%d reading(s) stay in the spool for the next start", spool.stats().depth)  # type: ignore[attr-defined]
-    if hasattr(watchdog, "stopping"):
-        watchdog.stopping()  # type: ignore[attr-defined]
+    watchdog.stopping()
     log.info("stopped")
     return 0
 
 
-def _watchdog() -> object:
-    try:
-        from .systemd import Watchdog
-    except ImportError:
-        return object()
-    return Watchdog()
 
 
 def _stats_dict(stats: object) -> dict[str, object]:
