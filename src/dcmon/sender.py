@@ -1,0 +1,243 @@
+"""The sender: drains the spool into InfluxDB, oldest first, deleting a batch only once the server took it.
+
+What it does with each answer (see dcmon.influx for the classification):
+- success                → ack (delete) the batch;
+- SinkPermanent (400)    → quarantine the lines the server named (InfluxDB 2.x: "line N"; 1.x quotes the
+                           bad line: "unable to parse '...'"), re-send the rest; when the server does not say
+                           which, split the batch in halves until the bad lines are alone. Re-sending lines a
+                           1.x "partial write" already stored is harmless: same series + timestamp overwrite;
+- SinkTooLarge (413)     → split the batch, and keep the smaller batch size from then on;
+- SinkAuth (401/403/404) → keep everything, retry with back-off (the user may fix it while we run);
+- SinkRetryable          → keep everything, back off exponentially (1 s doubling, capped at 60 s),
+                           or as long as the server's Retry-After says (capped at 10 min).
+It logs one line per state change (down, back up, backlog drained, lines quarantined), never per batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+
+from .errors import SinkAuth, SinkError, SinkPermanent, SinkRetryable, SinkTooLarge
+from .influx import InfluxSink
+from .spool import Spool
+
+log = logging.getLogger(__name__)
+
+IDLE_TICK_S = 5.0           # look at the spool this often even without a poke (e.g. after `quarantine retry`)
+STOP_SLICE_S = 0.2          # how promptly run() notices its stop event
+MAX_RETRY_AFTER_S = 600.0   # a server asking for a longer pause than this is not believed
+_QUOTED = re.compile(r"unable to parse '(.+?)': ")
+
+
+class Sender:
+    """Drains a Spool into an InfluxSink. ``run`` is the thread body; ``flush`` may be called from another
+    thread (sends are serialised by a lock)."""
+
+    def __init__(self, spool: Spool, sink: InfluxSink | None, *, batch_lines: int = 5000,
+                 min_backoff_s: float = 1.0, max_backoff_s: float = 60.0) -> None:
+        self.spool = spool
+        self.sink = sink
+        self.batch_lines = max(1, int(batch_lines))
+        self.min_backoff_s = min_backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.sent_points = 0
+        self.send_failures = 0
+        self.last_error = ""
+        self.last_progress = time.monotonic()  # the thread is alive and not stuck (for the watchdog)
+        self._wake = threading.Event()
+        self._send_lock = threading.Lock()
+        self._backoff = 0.0
+        self._retry_at = 0.0        # monotonic: no attempt before this (back-off)
+        self._state_key: tuple[object, ...] | None = None  # the failing condition we last logged; None = ok
+        self._outage_started = 0.0
+        self._draining = False      # a backlog is being sent after an outage
+        self._drain_sent = 0
+        self._where = sink.where if sink is not None else "InfluxDB"
+
+    # ------------------------------------------------------------------------------------ public
+
+    def poke(self) -> None:
+        """New lines were spooled: send now rather than at the next tick (back-off still applies)."""
+        self._wake.set()
+
+    def run(self, stop: threading.Event) -> None:
+        """Thread body: drain, wait, repeat until ``stop`` is set. Never raises: a failing spool or server
+        is logged (once per change) and retried later."""
+        if self.sink is None:
+            log.info("InfluxDB is disabled in the config: readings stay in the spool %s", self.spool.path)
+        while not stop.is_set():
+            self.last_progress = time.monotonic()
+            wait = IDLE_TICK_S
+            if self.sink is not None and time.monotonic() >= self._retry_at:
+                try:
+                    if self._drain_some(deadline=None, stop=stop):
+                        continue  # more queued: go on at once
+                except Exception as e:  # noqa: BLE001 - the thread must outlive a failing server or disk
+                    log.debug("send failed", exc_info=not isinstance(e, SinkError))
+                    self._failed(e)
+            if self._retry_at > time.monotonic():
+                wait = self._retry_at - time.monotonic()
+            self._sleep(wait, stop)
+
+    def flush(self, timeout_s: float) -> bool:
+        """Send everything queued now, trying until ``timeout_s`` has passed (plus at most one request's
+        timeout). True if the spool is empty afterwards. Used at shutdown and by ``run --once``."""
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        if self.sink is None:
+            return self.spool.stats().depth == 0
+        while True:
+            try:
+                if not self._drain_some(deadline=deadline, stop=None) and not self.spool.peek(1):
+                    return True
+            except Exception as e:  # noqa: BLE001 - flush reports, it does not raise
+                self._failed(e)
+                pause = max(0.2, min(1.0, self._retry_at - time.monotonic()))
+                if time.monotonic() + pause >= deadline:
+                    return not self.spool.peek(1)
+                time.sleep(pause)
+            if time.monotonic() >= deadline:
+                return not self.spool.peek(1)
+
+    # ------------------------------------------------------------------------------------ internals
+
+    def _sleep(self, seconds: float, stop: threading.Event) -> None:
+        """Wait for a poke, the stop event, or the time, whichever comes first. During a back-off a poke
+        does not shorten the wait: it only marks that there is work."""
+        end = time.monotonic() + seconds
+        while not stop.is_set():
+            self.last_progress = time.monotonic()
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            if self._wake.wait(min(left, STOP_SLICE_S)):
+                if time.monotonic() >= self._retry_at:
+                    self._wake.clear()
+                    return
+                time.sleep(min(STOP_SLICE_S, max(0.0, self._retry_at - time.monotonic())))
+
+    def _drain_some(self, *, deadline: float | None, stop: threading.Event | None) -> bool:
+        """Send one batch. True if a full batch went (there may be more). Raises the sink's error when the
+        batch could not be delivered (it stays queued)."""
+        with self._send_lock:
+            self._wake.clear()
+            rows = self.spool.peek(self.batch_lines)
+            if not rows:
+                self._finish_drain()
+                return False
+            self._send_rows(rows)
+            self._succeeded(len(rows))
+            full = len(rows) >= self.batch_lines
+            if not full:
+                self._finish_drain()
+            return full and not (stop is not None and stop.is_set()) and \
+                (deadline is None or time.monotonic() < deadline)
+
+    def _send_rows(self, rows: list[tuple[int, str]]) -> None:
+        """Deliver rows, acking what the server took and quarantining what it refused for good. Parts are
+        handled in order (a stack of halves), so the oldest lines still go first."""
+        assert self.sink is not None
+        stack = [rows]
+        while stack:
+            part = stack.pop()
+            try:
+                self.sink.write([line for _, line in part])
+            except SinkPermanent as e:
+                bad = self._bad_indexes(e, part)
+                if bad:
+                    self._quarantine([part[i] for i in sorted(bad)], e)
+                    rest = [r for i, r in enumerate(part) if i not in bad]
+                    if rest:
+                        stack.append(rest)
+                elif len(part) == 1:
+                    self._quarantine(part, e)
+                else:
+                    mid = len(part) // 2
+                    stack += [part[mid:], part[:mid]]
+                continue
+            except SinkTooLarge as e:
+                if len(part) == 1:
+                    self._quarantine(part, e)
+                    continue
+                mid = len(part) // 2
+                if mid < self.batch_lines:
+                    log.info("%s: batch of %d lines too large (413); sending at most %d lines per batch from now on",
+                             self._where, len(part), mid)
+                    self.batch_lines = mid
+                stack += [part[mid:], part[:mid]]
+                continue
+            self.spool.ack([rid for rid, _ in part])
+            self.sent_points += len(part)
+            self._drain_sent += len(part)
+
+    @staticmethod
+    def _bad_indexes(e: SinkPermanent, part: list[tuple[int, str]]) -> set[int]:
+        """Which lines the server named: by number (2.x), or by quoting them (1.x; matched only when exactly
+        one line fits, as the message may be cut short)."""
+        bad = {i for i in e.bad_lines if 0 <= i < len(part)}
+        if bad:
+            return bad
+        text = str(e)
+        for quoted in _QUOTED.findall(text):
+            hits = [i for i, (_, line) in enumerate(part) if " ".join(line.split()) == quoted]
+            if len(hits) == 1:
+                bad.add(hits[0])
+        return bad
+
+    def _quarantine(self, rows: list[tuple[int, str]], e: SinkError) -> None:
+        n = self.spool.quarantine([rid for rid, _ in rows], str(e))
+        total = self.spool.stats().quarantined
+        sample = rows[0][1]
+        sample = sample if len(sample) <= 120 else sample[:117] + "..."
+        log.warning("%s refused %d line(s) for good (%s); set aside in the quarantine (%d in all), e.g. %r; "
+                    "see `dcmon spool quarantine list`", self._where, n,
+                    f"{e.status}" if e.status else type(e).__name__, total, sample)
+
+    def _succeeded(self, n: int) -> None:
+        if self._state_key is not None:
+            depth = self.spool.stats().depth
+            log.info("%s reachable again; sending %d queued readings", self._where, depth + n)
+            self._state_key = None
+            self._draining = True
+            self.spool.set_last_error("")
+            self.last_error = ""
+        self._backoff = 0.0
+        self._retry_at = 0.0
+
+    def _finish_drain(self) -> None:
+        if self._draining:
+            log.info("%s: backlog sent (%d readings in %.0f s after the outage began)", self._where,
+                     self._drain_sent, time.monotonic() - self._outage_started)
+            self._draining = False
+
+    def _failed(self, e: BaseException) -> None:
+        """Count, back off, and log when the failing condition changed."""
+        self.send_failures += 1
+        self._backoff = min(self.max_backoff_s, max(self.min_backoff_s, self._backoff * 2))
+        wait = self._backoff
+        retry_after = getattr(e, "retry_after", None)
+        if isinstance(e, SinkRetryable) and retry_after is not None:
+            wait = min(MAX_RETRY_AFTER_S, max(retry_after, 0.0))
+        self._retry_at = time.monotonic() + wait
+        if isinstance(e, SinkError):
+            text = str(e)
+            key: tuple[object, ...] = (type(e).__name__, e.status, text if e.status is None else "")
+        else:
+            text = f"sending failed: {type(e).__name__}: {e}"
+            key = (type(e).__name__, text)
+        self.last_error = text
+        if key != self._state_key:
+            if self._state_key is None:
+                self._outage_started = time.monotonic()
+                self._drain_sent = 0
+            self._state_key = key
+            self.spool.set_last_error(text)
+            try:
+                depth = self.spool.stats().depth
+            except Exception:  # noqa: BLE001 - the spool itself may be what failed
+                depth = -1
+            queued = f"{depth} queued" if depth >= 0 else "spool unreadable"
+            how = "keeping readings in the spool" if isinstance(e, SinkError) else "will retry"
+            (log.error if isinstance(e, SinkAuth) else log.warning)("%s; %s (%s)", text, how, queued)

@@ -1,0 +1,173 @@
+"""``dcmon spool``: look into the spool (depth, oldest reading, drops, quarantine, last error), export it
+as line protocol, and deal with quarantined lines. Safe while ``dcmon run`` is running (SQLite WAL lets both
+use the file); it never moves or repairs the file itself: ``dcmon run`` does that at start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from . import config as config_mod
+from .errors import DcmonError
+from .spool import Spool
+
+
+def add_commands(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = subparsers.add_parser("spool", parents=[common], formatter_class=fmt,
+                              help="show the local queue of readings; export it; handle quarantined lines",
+                              description="Readings wait in the spool (spool.path) until InfluxDB has them. "
+                                          "Without a subcommand: the status.")
+    p.set_defaults(func=cmd_status, json=False)
+    sub = p.add_subparsers(dest="spool_command", metavar="status|export|quarantine")
+
+    s = sub.add_parser("status", parents=[common], help="depth, oldest reading, size, drops, quarantine, last error")
+    s.add_argument("--json", action="store_true", help="machine-readable")
+    s.set_defaults(func=cmd_status)
+
+    e = sub.add_parser("export", parents=[common], formatter_class=fmt,
+                       help="write the queued (or quarantined) lines as line protocol",
+                       description="Oldest first, one line per reading, nanosecond timestamps. To load a file into "
+                                   "InfluxDB 1.x by hand:\n  curl --data-binary @FILE "
+                                   "'http://HOST:8086/write?db=dcmon&precision=ns'")
+    e.add_argument("--quarantine", action="store_true", help="export the quarantined lines instead")
+    e.add_argument("-o", "--output", metavar="FILE", help="write to FILE (default: standard output)")
+    e.set_defaults(func=cmd_export)
+
+    q = sub.add_parser("quarantine", parents=[common], help="lines InfluxDB refused: list, retry or clear them")
+    qs = q.add_subparsers(dest="quarantine_command", metavar="list|retry|clear")
+    qs.required = True
+    ql = qs.add_parser("list", parents=[common], help="show the quarantined lines and why they were refused")
+    ql.add_argument("--limit", type=int, default=50, metavar="N", help="show at most N (default 50; 0 = all)")
+    ql.set_defaults(func=cmd_quarantine_list)
+    qr = qs.add_parser("retry", parents=[common], help="put them back in the queue (after fixing the cause)")
+    qr.set_defaults(func=cmd_quarantine_retry)
+    qc = qs.add_parser("clear", parents=[common], help="delete them for good (export them first)")
+    qc.add_argument("--yes", action="store_true", help="really delete")
+    qc.set_defaults(func=cmd_quarantine_clear)
+
+
+def _open(args: argparse.Namespace) -> Spool | None:
+    """The configured spool, or None when it does not exist yet."""
+    cfg = config_mod.load(args.config)
+    path = cfg.resolve(cfg.spool.path)
+    try:
+        return Spool.open(path, max_bytes=cfg.spool.max_bytes, max_age_s=cfg.spool.max_age_days * 86400,
+                          durability=cfg.spool.durability, repair=False, create=False)
+    except FileNotFoundError:
+        print(f"no spool yet at {path} (`dcmon run` creates it)", file=sys.stderr)
+        return None
+
+
+def _when(ns: int | None) -> str:
+    if ns is None:
+        return "-"
+    t = datetime.fromtimestamp(ns / 1e9, timezone.utc)
+    return f"{t:%Y-%m-%d %H:%M:%S} UTC ({_age(time.time() - ns / 1e9)} ago)"
+
+
+def _age(s: float) -> str:
+    s = max(0.0, s)
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if s >= size:
+            return f"{s / size:.1f} {unit}"
+    return f"{s:.0f} s"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 1048576:.1f} MiB"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    sp = _open(args)
+    if sp is None:
+        return 0
+    with sp:
+        st = sp.stats()
+        depth = sp.count()
+    if args.json:
+        print(json.dumps({"path": str(sp.path), "depth": depth, "bytes": st.bytes, "file_bytes": st.file_bytes,
+                          "max_bytes": sp.max_bytes, "oldest_time_ns": st.oldest_time_ns,
+                          "dropped_total": st.dropped_total, "quarantined": st.quarantined,
+                          "last_error": st.last_error, "durability": sp.durability}))
+        return 0
+    print(f"spool        {sp.path} ({sp.durability} durability)")
+    print(f"queued       {depth} reading(s), oldest {_when(st.oldest_time_ns)}")
+    print(f"size         {_mib(st.bytes)} used of {_mib(sp.max_bytes)}, {_mib(st.file_bytes)} on disk; "
+          f"readings older than {_age(sp.max_age_s)} are dropped")
+    print(f"dropped      {st.dropped_total} (the oldest go first when the spool is full)")
+    print(f"quarantined  {st.quarantined}" + ("  (dcmon spool quarantine list)" if st.quarantined else ""))
+    print(f"last error   {st.last_error or '-'}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    sp = _open(args)
+    if sp is None:
+        return 0
+    n = 0
+    with sp, contextlib.ExitStack() as stack:
+        if args.output:
+            try:
+                out = stack.enter_context(Path(args.output).open("w", encoding="utf-8"))
+            except OSError as e:
+                raise DcmonError(f"cannot write {args.output}: {e.strerror}; pick another file with -o") from None
+        else:
+            out = sys.stdout
+        for line in sp.iter_lines(quarantine=args.quarantine):
+            out.write(line + "\n")
+            n += 1
+    if args.output:
+        what = "quarantined" if args.quarantine else "queued"
+        print(f"exported {n} {what} line(s) to {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_quarantine_list(args: argparse.Namespace) -> int:
+    sp = _open(args)
+    if sp is None:
+        return 0
+    with sp:
+        total = sp.stats().quarantined
+        rows = sp.quarantine_list(None if args.limit <= 0 else args.limit)
+    if not rows:
+        print("the quarantine is empty")
+        return 0
+    for q in rows:
+        print(f"#{q.id}  set aside {_when(q.at_ns)}\n  why:  {q.reason}\n  line: {q.line}")
+    if total > len(rows):
+        print(f"... {total - len(rows)} more (--limit 0 shows all; `dcmon spool export --quarantine` writes them out)")
+    return 0
+
+
+def cmd_quarantine_retry(args: argparse.Namespace) -> int:
+    sp = _open(args)
+    if sp is None:
+        return 0
+    with sp:
+        n = sp.quarantine_retry()
+    print(f"{n} line(s) put back in the queue; a running `dcmon run` sends them within seconds"
+          + (" (any still refused come back to the quarantine)" if n else ""))
+    return 0
+
+
+def cmd_quarantine_clear(args: argparse.Namespace) -> int:
+    sp = _open(args)
+    if sp is None:
+        return 0
+    with sp:
+        if not args.yes:
+            n = sp.stats().quarantined
+            print(f"this deletes {n} quarantined line(s) for good; save them first with "
+                  f"`dcmon spool export --quarantine -o FILE`, then run again with --yes", file=sys.stderr)
+            return 2
+        n = sp.quarantine_clear()
+    print(f"deleted {n} quarantined line(s)")
+    return 0
