@@ -4,6 +4,7 @@ and the bad inputs a user meets: missing port, no permission, InfluxDB unreachab
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -78,7 +79,7 @@ def test_once_simulator_to_real_influxdb_v1(tmp_path, influxd, fresh_db, sim, ca
     assert "battery" in out and "solar" in out and " V " in out
     rows = influxd.query('SELECT voltage_v, current_a, power_w, energy_wh, low_voltage_alarm, energy_reset, '
                          'sensor, site, address, bus, host, model FROM dc_power', fresh_db)
-    got = {r[6]: dict(zip(rows[0]["columns"], r)) for r in rows[0]["values"]}
+    got = {d["sensor"]: d for d in (dict(zip(rows[0]["columns"], r)) for r in rows[0]["values"])}
     assert set(got) == {"battery", "solar"}
     b = got["battery"]
     assert 12 < b["voltage_v"] < 15 and b["current_a"] > 0 and abs(b["power_w"] - b["voltage_v"] * b["current_a"]) < 0.2
@@ -157,18 +158,15 @@ def test_missing_serial_port_once_is_one_clear_line(tmp_path):
 
 
 def test_port_without_permission_says_dialout(tmp_path, sim):
-    """Root ignores file permissions, so the poller runs as 'nobody' for this test."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to switch to another user")  # CI runs as root
+    """Root ignores file permissions, so the poller runs without CAP_DAC_OVERRIDE (setpriv) against a pty owned
+    by another user with mode 0600, like /dev/ttyUSB0 (root:dialout 0660) for a user outside dialout."""
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv (util-linux) to drop the permission override")  # CI runs as root
+    os.chown(sim.path, 65534, 65534)
     os.chmod(sim.path, 0o600)
-    work = tmp_path / "w"
-    work.mkdir()
-    os.chmod(tmp_path, 0o755)
-    os.chmod(work, 0o777)
-    p = write_cfg(work, url="http://127.0.0.1:9", port=sim.path)
-    os.chmod(p, 0o644)
-    r = subprocess.run([sys.executable, "-m", "dcmon.cli", "run", "--once", "--config", str(p)], capture_output=True,
-                       text=True, timeout=60, user=65534, group=65534, env={**os.environ, "HOME": str(work)})
+    p = write_cfg(tmp_path, url="http://127.0.0.1:9", port=sim.path)
+    r = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-m", "dcmon.cli",
+                        "run", "--once", "--config", str(p)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1, r.stderr
     assert "no permission" in r.stderr and "dialout" in r.stderr and "Traceback" not in r.stderr
 
