@@ -7,8 +7,17 @@ import math
 import pytest
 
 from dcmon import config
-from dcmon.calibration import (CalibrationError, Fit, apply_calibration, calibration_from, check_gain,
-                               defining_file, fit, point_error, save_calibration)
+from dcmon.calibration import (
+    CalibrationError,
+    Fit,
+    apply_calibration,
+    calibration_from,
+    check_gain,
+    defining_file,
+    fit,
+    point_error,
+    save_calibration,
+)
 from dcmon.config import Calibration
 from dcmon.errors import ConfigError
 

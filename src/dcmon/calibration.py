@@ -20,7 +20,7 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,7 +183,7 @@ def save_calibration(path: str | os.PathLike[str], sensor: str, cal: Calibration
         raise ConfigError(str(p), "", f"cannot read: {e.strerror}", "check the path and permissions") from None
     except TOMLKitError as e:
         raise ConfigError(str(p), "", f"not valid TOML: {e}", "fix the syntax at that line") from None
-    table = next((t for t in doc.get("sensors", []) if isinstance(t, Mapping) and t.get("name") == sensor), None)
+    table = next((t for t in doc.get("sensors", []) if isinstance(t, MutableMapping) and t.get("name") == sensor), None)
     if table is None:
         raise ConfigError(str(p), "sensors", f"no sensor named {sensor!r} in this file",
                           "add it there first (dcmon calibrate edits the file that defines the sensor)")

@@ -31,6 +31,7 @@ from .models import MODELS, PZEM016, PZEM017, FieldValue, Model, decode
 
 ADDRESS_SETTING = 0x0002  # the address holding register, the same on every PZEM model
 SCAN_TIMEOUT_S = 0.1
+GARBLED = "garbled reply: two meters at this address? connect one at a time"
 EXIT_INTERRUPTED = 130
 
 
@@ -153,6 +154,7 @@ def resolve(args: argparse.Namespace, *, need_address: bool, timeout_s: float | 
             timeout_s=timeout_s or args.timeout or bus_cfg.timeout_s,
             retries=bus_cfg.retries if retries is None else retries, gap_s=bus_cfg.gap_s)
     else:
+        assert port  # no config was read, so a port was given
         settings = BusSettings(
             name=port, port=port, baudrate=args.baudrate or model.serial.baudrate,
             bytesize=model.serial.bytesize, parity=model.serial.parity,
@@ -295,7 +297,7 @@ def probe(bus: Bus, address: int) -> Found | None:
             return Found(address, "unknown", note=f"answered with exception {e.code}")
         return _probe_dc(bus, address)
     except BusError:
-        return Found(address, "?", note="garbled reply: two meters at this address? connect one at a time")
+        return Found(address, "?", note=GARBLED)
     vals = decode(PZEM016, words)
     return Found(address, "PZEM-004T/014/016 (AC)", voltage_v=float(vals["voltage_v"]), current_a=float(vals["current_a"]))
 
@@ -305,8 +307,12 @@ def _probe_dc(bus: Bus, address: int) -> Found:
     try:
         vals = read_values(bus, PZEM017, address)
         found.voltage_v, found.current_a = float(vals["voltage_v"]), float(vals["current_a"])
-    except DcmonError:
-        found.note = "values unreadable"
+    except NoResponse:
+        found.note = "values unreadable (no answer)"
+    except DeviceError as e:
+        found.note = f"values refused (exception {e.code})"
+    except BusError:
+        found.note = GARBLED
     try:
         found.shunt_a = read_shunt(bus, PZEM017, address)
         found.model = "PZEM-017"
@@ -355,8 +361,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
     t = resolve(args, need_address=False, timeout_s=args.timeout or SCAN_TIMEOUT_S, retries=0)
     addrs = _scan_range(args)
     s = t.settings
-    note(f"scanning bus {s.name!r} ({s.port}, {s.framing}) addresses {addrs.start}-{addrs.stop - 1}, "
-         f"{s.timeout_s:g} s each; Ctrl-C stops")
+    bus_text = f"bus {s.name!r} ({s.port}" if s.name != s.port else f"{s.port} ("
+    note(f"scanning {bus_text}, {s.framing}) addresses {addrs.start}-{addrs.stop - 1}, {s.timeout_s:g} s each; "
+         f"Ctrl-C stops")
     printed: list[bool] = []
 
     def show(f: Found) -> None:
@@ -378,7 +385,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
              f"meter's 5 V RS485 supply, the framing ({s.framing}; AC meters need --stopbits 1), or try --timeout 0.3")
         return 1
     say(summary)
-    same = [f for f in res.found if f.note.startswith("garbled")]
+    same = [f for f in res.found if f.note == GARBLED]
     if same:
         note("some addresses gave garbled replies: several meters probably share them (new meters all start at "
              "address 1); give each its own address one at a time: dcmon set-address --to N")
@@ -462,7 +469,7 @@ def cmd_set_address(args: argparse.Namespace) -> int:
                 note("interrupted: no address was written")
                 return EXIT_INTERRUPTED
             others = [f.address for f in res.found if f.address != old]
-            if others or any(f.note.startswith("garbled") for f in res.found):
+            if others or any(f.note == GARBLED for f in res.found):
                 where = ", ".join(str(a) for a in sorted({f.address for f in res.found}))
                 raise MultipleMeters(f"bus {st.name!r}: meters answer at addresses {where}: setting an address "
                                      f"through the general address needs exactly ONE meter on the bus: connect one "

@@ -24,8 +24,17 @@ from typing import Any
 
 from . import config as config_mod
 from .bus import Bus
-from .calibration import (SPEC_PERCENT, CalibrationError, Fit, calibration_from, defining_file, fit, fit_of,
-                          point_error, save_calibration)
+from .calibration import (
+    SPEC_PERCENT,
+    CalibrationError,
+    Fit,
+    calibration_from,
+    defining_file,
+    fit,
+    fit_of,
+    point_error,
+    save_calibration,
+)
 from .config import Calibration
 from .errors import ConfigError
 from .meter import read_values
@@ -184,8 +193,8 @@ def report(t: Target, samples: list[Sample], existing: Calibration, new: Calibra
 def _fits(t: Target, samples: list[Sample]) -> dict[str, Fit | None]:
     out: dict[str, Fit | None] = {}
     for q, f, _ in QUANTITIES:
-        pairs = [(s.raw[q], s.ref[q]) for s in samples if s.ref[q] is not None]
-        out[q] = fit(pairs, quantity=q, resolution=_resolution(t, f)) if pairs else None  # type: ignore[misc]
+        pairs = [(s.raw[q], ref) for s in samples if (ref := s.ref[q]) is not None]
+        out[q] = fit(pairs, quantity=q, resolution=_resolution(t, f)) if pairs else None
     return out
 
 
@@ -234,7 +243,7 @@ def cmd_check_accuracy(args: argparse.Namespace) -> int:
     if not samples:
         note("no points entered: nothing checked")
         return 1
-    existing = t.sensor.calibration if t.sensor else Calibration()
+    existing = t.sensor.calibration if t.sensor else Calibration.model_validate({})
     ok = report(t, samples, existing, None)
     what = "dcmon's calibrated values are" if not existing.is_identity else "the meter is"
     if ok:
