@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 
@@ -208,3 +209,15 @@ def test_defining_file_is_the_local_file_when_it_has_the_sensor_list(tmp_path):
     assert defining_file(main) == local
     assert config.load(main, env={}).sensors[0].address == 3  # and that is indeed the list in effect
     assert math.isclose(config.load(main, env={}).sensors[0].calibration.voltage_gain, 1.0)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner needs root")
+def test_save_calibration_keeps_the_owner_and_group(tmp_path):
+    """/etc/dcmon/config.toml is root:dcmon 0640; `sudo dcmon calibrate` must not make it root:root."""
+    p = tmp_path / "config.toml"
+    p.write_text(CONFIG)
+    os.chown(p, 4321, 4322)
+    save_calibration(p, "battery", Calibration(voltage_gain=1.01))
+    st = p.stat()
+    assert (st.st_uid, st.st_gid) == (4321, 4322)
+    assert "voltage_gain = 1.01" in p.read_text()

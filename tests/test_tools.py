@@ -379,6 +379,18 @@ def test_port_in_use_by_another_program(capsys):
 # -------------------------------------------------------------------------------- usage problems
 
 
+@pytest.mark.parametrize("argv", [[], ["scan"], ["set-address"], ["shunt", "get"], ["shunt", "set"], ["reset-energy"],
+                                  ["read"], ["watch"], ["calibrate"], ["check-accuracy"]])
+def test_help_texts(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.startswith("usage: dcmon") and "option_strings" not in out  # a stray % in a help text shows so
+    if not argv:
+        assert "compare a sensor with a trusted meter against the 1 % spec" in out
+
+
 def test_which_bus_and_which_meter(tmp_path, capsys):
     cfg = write_config(tmp_path, "/dev/null", extra='[buses.other]\nport = "/dev/null"\n')
     rc, _, err = run(capsys, "scan", "--config", str(cfg))

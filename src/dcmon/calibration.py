@@ -201,14 +201,21 @@ def save_calibration(path: str | os.PathLike[str], sensor: str, cal: Calibration
         table["calibration"] = section
     out = tomlkit.dumps(doc)
     try:
-        mode = p.stat().st_mode & 0o7777
+        st = p.stat()
         fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(out)
                 f.flush()
                 os.fsync(f.fileno())
-            os.chmod(tmp, mode)
+            os.chmod(tmp, st.st_mode & 0o7777)
+            # keep the owner and group: /etc/dcmon/config.toml is root:dcmon 0640, and a file that became
+            # root:root under `sudo dcmon calibrate` would lock the service out of its own config
+            if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
+                try:
+                    os.chown(tmp, st.st_uid, st.st_gid)
+                except PermissionError:
+                    pass  # not root: the user may only edit a file they can write, so they own it or share its dir
             os.replace(tmp, p)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

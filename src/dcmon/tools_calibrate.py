@@ -272,7 +272,7 @@ def add_commands(subparsers: Any, common: argparse.ArgumentParser, target: argpa
     p.set_defaults(func=handler(cmd_calibrate))
 
     p = subparsers.add_parser("check-accuracy", parents=[common, target, meter], formatter_class=fmt,
-                              help="compare a sensor with a trusted meter against the 1 % spec",
+                              help="compare a sensor with a trusted meter against the 1 %% spec",
                               description=__doc__)
     points(p)
     p.set_defaults(func=handler(cmd_check_accuracy))
