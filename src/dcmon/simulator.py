@@ -313,7 +313,8 @@ def meters_for(sensors: list[tuple[str, int]], **kw: object) -> list[SimMeter]:
         base_i = (8.0 + 3 * i) if m.kind == "dc" else 1.5 + i
         if m.max_current_a and base_i > m.max_current_a / 2:
             base_i = m.max_current_a / 3
-        out.append(SimMeter(model=m, address=address, base_voltage_v=base_v * (1 + 0.01 * i), base_current_a=base_i, **kw))  # type: ignore[arg-type]
+        out.append(SimMeter(model=m, address=address, base_voltage_v=base_v * (1 + 0.01 * i), base_current_a=base_i,
+                            energy_wh=12_000.0 * (i + 1), **kw))  # type: ignore[arg-type]
     return out
 
 
