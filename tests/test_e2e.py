@@ -195,3 +195,26 @@ def test_quick_start_command_runs_on_the_simulator_and_stops_cleanly(tmp_path):
     assert out.count("battery") >= 3 and "Traceback" not in err
     assert sum("connection refused" in ln for ln in err.splitlines()) == 1, err   # said once, not per reading
     assert spool_depth(tmp_path) >= 6
+
+
+@pytest.mark.parametrize("model", ["pzem003", "pzem004t", "pzem014", "pzem016"])
+def test_every_model_end_to_end_into_influxdb(tmp_path, influxd, fresh_db, model):
+    """Each model's simulator, its own framing (AC 8N1, DC 8N2), decoded and written to its measurement."""
+    with Simulator(meters_for([(model, 7)])) as s:
+        p = tmp_path / "config.toml"
+        p.write_text(f'[poller]\nsettle_s = 0\nhealth_interval_s = 0\n[spool]\npath = "{tmp_path}/spool.sqlite"\n'
+                     f'[influxdb]\nurl = "{influxd.url}"\ndatabase = "{fresh_db}"\n'
+                     f'[buses.b]\nport = "{s.path}"\ntimeout_s = 0.3\n'
+                     f'[[sensors]]\nname = "m"\nbus = "b"\naddress = 7\nmodel = "{model}"\n')
+        cfg = config.load(p, env={})
+        assert cfg.stopbits("b") == (1 if model != "pzem003" else 2)
+        assert run(cfg, once=True) == 0
+    ac = model != "pzem003"
+    rows = influxd.query(f'SELECT * FROM {"ac_power" if ac else "dc_power"}', fresh_db)
+    got = dict(zip(rows[0]["columns"], rows[0]["values"][0]))
+    assert got["model"] == model and got["address"] == "7"
+    if ac:
+        assert 220 < got["voltage_v"] < 240 and got["frequency_hz"] == 50.0 and got["power_factor"] == 1.0
+        assert abs(got["power_w"] - got["voltage_v"] * got["current_a"]) < 0.5 and got["power_alarm"] is False
+    else:
+        assert 12 < got["voltage_v"] < 15 and got["current_a"] <= 10.0
