@@ -216,3 +216,45 @@ def test_journal_formatter_levels():
         "<6>lines",
     ]
     assert under_journal({"JOURNAL_STREAM": "8:1234"}) and not under_journal({})
+
+
+def test_dcmon_run_notifies_systemd(tmp_path):
+    """The real poller (`dcmon run --simulate`: simulated meters on a pty) under a watchdog of 2 s: READY=1
+    once polling, WATCHDOG=1 as its loops progress, STOPPING=1 on SIGTERM, exit 0. The test is systemd."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    shutil.copy(root / "config.toml", tmp_path / "config.toml")
+    sock_path = str(tmp_path / "notify.sock")
+    r = Receiver(sock_path)
+    r.sock.settimeout(15)
+    env = {**os.environ, "NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "2000000",
+           "DCMON_INFLUXDB_ENABLED": "false", "DCMON_POLLER_INTERVAL_S": "0.5",
+           "DCMON_SPOOL_PATH": str(tmp_path / "spool.sqlite"), "DCMON_STATUS_PATH": str(tmp_path / "status.json")}
+    env.pop("WATCHDOG_PID", None)
+    proc = subprocess.Popen([sys.executable, "-m", "dcmon.cli", "run", "--simulate", "--config", str(tmp_path / "config.toml")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    got: list[str] = []
+    try:
+        got.append(r.get())
+        deadline = time.monotonic() + 10
+        while got.count("WATCHDOG=1") < 2 and time.monotonic() < deadline:
+            got.append(r.get())
+        proc.send_signal(signal.SIGTERM)
+        while not got[-1].startswith("STOPPING=1") and time.monotonic() < deadline + 10:
+            got.append(r.get())
+        out, _ = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        r.close()
+    assert got[0].startswith("READY=1\nSTATUS=polling 1 sensor"), (got, out)
+    assert got.count("WATCHDOG=1") >= 2, (got, out)
+    assert got[-1].startswith("STOPPING=1") and proc.returncode == 0, (got, out)
+    assert "Traceback" not in out
