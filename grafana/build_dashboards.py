@@ -131,13 +131,14 @@ def graph(title: str, unit: str, targets: list[dict], *, bars: bool = False, **k
 def stat(title: str, unit: str, targets: list[dict], *, fields: str = "", graph_mode: str = "area", **kw) -> dict:
     opts = {"reduceOptions": {"calcs": ["lastNotNull"], "fields": fields, "values": False},
             "colorMode": "value", "graphMode": graph_mode, "textMode": "auto", "justifyMode": "auto",
-            "orientation": "auto", "wideLayout": True, "showPercentChange": False}
+            "orientation": "auto", "wideLayout": True, "showPercentChange": False,
+            "percentChangeColorMode": "standard"}
     return panel("stat", title, unit, targets, options=opts, w=kw.pop("w", 4), h=kw.pop("h", 5), **kw)
 
 
 def states(title: str, unit: str, targets: list[dict], mappings: list[dict], **kw) -> dict:
     opts = {"mergeValues": True, "showValue": "never", "alignValue": "left", "rowHeight": 0.85,
-            "legend": {"showLegend": False, "displayMode": "list", "placement": "bottom"},
+            "legend": {"showLegend": False, "displayMode": "list", "placement": "bottom", "calcs": []},
             "tooltip": {"mode": "single", "sort": "none"}}
     defaults = {"mappings": mappings, "custom": {"fillOpacity": 75, "lineWidth": 0}}
     return panel("state-timeline", title, unit, targets, defaults=defaults, options=opts, **kw)
@@ -158,10 +159,11 @@ def freshness(**kw) -> dict:
 # ----------------------------------------------------------------------------------------- dashboards
 
 def query_var(name: str, label: str, query: str, *, multi: bool) -> dict:
-    current = ({"selected": True, "text": ["All"], "value": ["$__all"]} if multi else {})
-    return {"type": "query", "name": name, "label": label, "datasource": DS, "query": query, "definition": query,
-            "refresh": 2, "sort": 1, "regex": "", "multi": multi, "includeAll": multi, "current": current,
-            "options": [], "hide": 0, "skipUrlSync": False}
+    var = {"type": "query", "name": name, "label": label, "datasource": DS, "query": query, "refresh": 2,
+           "sort": 1, "regex": "", "multi": multi, "includeAll": multi, "options": [], "hide": 0, "skipUrlSync": False}
+    if multi:
+        var["current"] = {"selected": True, "text": ["All"], "value": ["$__all"]}
+    return var
 
 
 TZ_VAR = {"type": "textbox", "name": "tz", "label": "Day/week time zone", "query": "UTC", "hide": 0,
@@ -182,7 +184,9 @@ def dashboard(uid: str, title: str, description: str, variables: list[dict], pan
             {"builtIn": 1, "datasource": {"type": "grafana", "uid": "-- Grafana --"}, "enable": True, "hide": True,
              "iconColor": "rgba(0, 211, 255, 1)", "name": "Annotations & Alerts", "type": "dashboard"},
             {"datasource": DS, "enable": True, "hide": False, "iconColor": "orange", "name": "Energy counter resets",
-             "query": RESETS, "tagsColumn": "sensor", "textColumn": "energy_wh", "titleColumn": ""}]},
+             "target": {"refId": "Anno", "datasource": DS, "query": RESETS, "rawQuery": True, "queryType": "tags",
+                        "fromAnnotations": True, "tagsColumn": "sensor", "textColumn": "energy_wh", "titleColumn": "",
+                        "timeEndColumn": "", "limit": 100, "matchAny": False, "tags": [], "type": ""}}]},
         "templating": {"list": variables},
         "panels": layout(panels),
     }

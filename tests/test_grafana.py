@@ -173,7 +173,9 @@ def escape_regex(v: str) -> str:
 def interpolate(query: str, values: dict[str, tuple[list[str], bool]]) -> str:
     for name in sorted(values, key=len, reverse=True):
         vals, multi = values[name]
-        if multi:
+        if not multi and re.match(r"\s*[-+]?(\d|\.\d)", vals[0]):     # parseFloat() succeeds: left as it is
+            text = vals[0]
+        elif multi:
             text = "(" + "|".join(escape_regex(v) for v in vals) + ")"
         elif re.search(rf"/[^/]*\${name}\b[^/]*/", query):
             text = escape_regex(vals[0])
@@ -360,7 +362,7 @@ def test_sensor_dashboard_every_query_for_each_sensor(data):
 def test_annotation_queries_find_the_counter_reset(data):
     for fname, dash in load_dashboards().items():
         values = variable_values(data, dash, {"sensor": "battery"})
-        (ann,) = [a for a in dash["annotations"]["list"] if a.get("datasource", {}).get("type") == "influxdb"]
+        (ann,) = [a["target"] for a in dash["annotations"]["list"] if a.get("datasource", {}).get("type") == "influxdb"]
         series = data.query(expand(ann["query"], values, time_filters("now-7d", time.time())[0]))
         rows = [dict(zip(s["columns"], r)) for s in series for r in s["values"]]
         assert [r["sensor"] for r in rows] == ["battery"], fname
@@ -463,7 +465,7 @@ def test_dashboards_have_stable_uids_units_and_the_provisioned_datasource():
                 assert var["datasource"]["uid"] in ds_uids and var["query"].startswith("SHOW TAG VALUES")
         for a in dash["annotations"]["list"]:
             if a["datasource"]["type"] == "influxdb":
-                assert a["datasource"]["uid"] in ds_uids
+                assert a["datasource"]["uid"] in ds_uids and a["target"]["datasource"] == a["datasource"]
 
 
 def test_panels_fit_the_grid_without_overlap():
