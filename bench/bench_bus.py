@@ -3,8 +3,8 @@
 
 Run:  .venv/bin/python bench/bench_bus.py [--seconds 10] [--meters 10] [--turnaround 0.010] [--quick]
 
-The meters are `dcmon simulate --timing` processes (one per bus, so their CPU is not ours); the poller is
-dcmon's own Poller + bus_loop at interval 0, in this process. Timing model of one read, 9600 8N2
+The meters are dcmon.simulator instances with ``timing=True``, one pty per bus, in a child process (so their
+CPU is not ours); the poller is dcmon's own Poller + bus_loop at interval 0, in this process. Timing model of one read, 9600 8N2
 (11 bits a character, 1.146 ms):
 
     request 8 chars | 3.5-char silence (the meter sees the frame end) | turnaround | reply 21 chars
@@ -28,9 +28,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
+import json
 import selectors
-import signal
 import statistics
 import subprocess
 import sys
@@ -69,46 +68,46 @@ def wire_time_s(turnaround_s: float) -> float:
 
 # ------------------------------------------------------------------------------------- simulators
 
+SERVE = """
+import json, sys
+from dcmon.simulator import Simulator, meters_for
+count, addresses, timing, turnaround_s = json.loads(sys.argv[1])
+sims = [Simulator(meters_for([("pzem017", a) for a in addresses]), timing=timing, turnaround_s=turnaround_s).start()
+        for _ in range(count)]
+print(json.dumps([s.path for s in sims]), flush=True)
+sys.stdin.read()                     # serve until the bench closes our stdin (or exits, however it exits)
+for s in sims:
+    s.stop()
+"""
+
+
 @contextlib.contextmanager
 def simulators(count: int, addresses: list[int], *, timing: bool, turnaround_s: float = 0.0) -> Iterator[list[str]]:
-    """``count`` `dcmon simulate` processes, each serving ``addresses``; yields their pty paths.
-    Separate processes: a real bus's meters do not use the poller's CPU, and neither may these."""
-    cmd = [sys.executable, "-m", "dcmon.cli", "simulate", "--log-level", "warning"]
-    cmd += [a for addr in addresses for a in ("--address", str(addr))]
-    if timing:
-        cmd += ["--timing", "--turnaround", repr(turnaround_s)]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(count)]
+    """``count`` simulated buses (dcmon.simulator, each on its own pty) serving ``addresses``, in a child
+    process: a real bus's meters do not use the poller's CPU, and neither may these. Yields the pty paths."""
+    spec = json.dumps([count, addresses, timing, turnaround_s])
+    proc = subprocess.Popen([sys.executable, "-c", SERVE, spec], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     try:
-        paths = [_first_line(p) for p in procs]
-        yield paths
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        line = proc.stdout.readline() if sel.select(30) else ""
+        sel.close()
+        if not line:
+            proc.kill()
+            err = proc.stderr.read().strip().splitlines()
+            raise SystemExit(f"bench: the simulators did not start: {err[-1] if err else 'no output'}")
+        yield json.loads(line)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-            for f in (p.stdout, p.stderr):
-                if f:
-                    f.close()
-
-
-def _first_line(p: subprocess.Popen, timeout_s: float = 20.0) -> str:
-    assert p.stdout is not None and p.stderr is not None
-    sel = selectors.DefaultSelector()
-    sel.register(p.stdout, selectors.EVENT_READ)
-    ready = sel.select(timeout_s)
-    sel.close()
-    line = p.stdout.readline().strip() if ready else ""
-    if not line:
-        p.kill()
-        err = (p.stderr.read() or "").strip().splitlines()
-        raise SystemExit(f"bench: `dcmon simulate` did not start: {err[-1] if err else 'no output'} "
-                         f"(does `{sys.executable} -m dcmon.cli simulate` run?)")
-    return line
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
 
 
 def measure_reply_latency(path: str, samples: int = 10) -> float:
@@ -157,6 +156,19 @@ def use_prototype(poller: Poller) -> None:
     for bus in poller.buses.values():
         client = bus._client  # noqa: SLF001 - a benchmark prototype, not a change to Bus
         client.recv = types.MethodType(expected_length_recv, client)  # type: ignore[method-assign]
+
+
+def patch_bus_class() -> None:
+    """Give every Bus made from now on the prototype receive (for a whole `dcmon run` process: bench_cost)."""
+    from dcmon.bus import Bus
+
+    original = Bus.__init__
+
+    def init(self: Bus, *a: object, **kw: object) -> None:
+        original(self, *a, **kw)  # type: ignore[arg-type]
+        self._client.recv = types.MethodType(expected_length_recv, self._client)  # type: ignore[method-assign]  # noqa: SLF001
+
+    Bus.__init__ = init  # type: ignore[method-assign]
 
 
 # ----------------------------------------------------------------------------------- measurements

@@ -1,0 +1,291 @@
+#!/usr/bin/env python3
+"""What the poller costs: CPU per reading, peak memory, CPU at a typical load, start-up imports (issue 8).
+
+Run:  .venv/bin/python bench/bench_cost.py [--seconds 20] [--minute 60] [--quick]
+
+Everything measured is the real ``dcmon run`` process (``python -m dcmon.cli run``), reading its CPU time
+from /proc (all its threads: bus loops, sender, main loop) and its peak RSS (VmHWM). The meters are
+dcmon.simulator ptys in a child process and the database a real influxd on 127.0.0.1 (tests/servers.py), so neither's
+CPU counts. Readings are counted where they end up: in influxd.
+"prototype recv" is the same command with bench_bus's expected-length receive patched into dcmon.bus.Bus
+(the change proposed for bus.py), measured beside the shipped one.
+
+- cost per reading: 32 meters on 4 buses, zero-latency simulators, ``interval_s = 0`` (as fast as the
+  buses go), everything else as shipped: CPU seconds / readings that reached influxd, over ``--seconds``;
+- peak RSS of that run (32 meters);
+- typical load: 8 meters × 1 Hz on one bus with the wire timing of 9600 8N2 and a 10 ms meter
+  turnaround (stricter than zero latency: pymodbus polls the port while it waits), over ``--minute``;
+- start-up: wall time of ``import dcmon.cli``, of building its command tree (every ``dcmon`` command pays
+  it) and of the modules ``dcmon run`` adds, each beside ``python -c pass``; the heaviest imports.
+
+Prints ``RATIO …`` lines with PASS/MISS; exits 0 once it could measure (a benchmark reports, it does not
+fail CI), 1 with one line if it could not run (no influxd, simulator would not start).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))      # servers.Influxd: the same real influxd the tests use
+
+from bench_bus import simulators  # noqa: E402  (same directory)
+from servers import Influxd  # noqa: E402
+
+TARGET_CPU_MS, TARGET_RSS_MB, TARGET_IDLE_PCT = 1.0, 50.0, 1.0
+RUN_IMPORTS = "import dcmon.cli as c; c.build_parser(); import dcmon.spool, dcmon.sender, dcmon.influx, dcmon.systemd"
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+# ---------------------------------------------------------------------------------------- /proc
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of every live thread of ``pid``, from schedstat (ns); all of the poller's threads live for
+    the whole run, so nothing is lost to threads that exited."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / 1e9
+
+
+def peak_rss_mb(pid: int) -> float:
+    m = re.search(r"^VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.M)
+    return int(m.group(1)) / 1024 if m else float("nan")
+
+
+# -------------------------------------------------------------------------------------- imports
+
+def wall(code: str, repeats: int) -> float:
+    """Best wall time of ``python -c code`` (a fresh interpreter each time, as a start-up is)."""
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def heaviest_imports(code: str, top: int = 6) -> list[tuple[str, float]]:
+    """Packages by the import time of their own modules (``python -X importtime`` self times, summed by
+    top-level package, dcmon by module: pydantic's time is pydantic's even when dcmon.config imported it), in ms."""
+    err = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True).stderr
+    by_pkg: dict[str, float] = defaultdict(float)
+    for line in err.splitlines():
+        m = re.match(r"import time:\s+(\d+) \|\s+\d+ \|\s*(\S+)", line)
+        if m:
+            name = m.group(2)
+            key = name if name.startswith("dcmon.") else name.split(".")[0].lstrip("_")
+            by_pkg[key] += int(m.group(1)) / 1000
+    return sorted(by_pkg.items(), key=lambda kv: -kv[1])[:top]
+
+
+# ----------------------------------------------------------------------------------- the poller
+
+CONFIG = """
+[poller]
+interval_s = {interval}
+host = "bench"
+
+[spool]
+path = "{spool}"
+
+[influxdb]
+url = "{url}"
+database = "dcmon"
+"""
+
+
+def write_config(tmp: Path, name: str, paths: list[str], meters: int, interval: float, url: str) -> Path:
+    text = CONFIG.format(interval=interval, spool=tmp / f"{name}.sqlite", url=url)
+    for b, path in enumerate(paths):
+        text += f'\n[buses.b{b}]\nport = "{path}"\n'
+        for a in range(1, meters + 1):
+            text += f'\n[[sensors]]\nname = "{name}_{b}_{a}"\nbus = "b{b}"\naddress = {a}\n'
+    p = tmp / f"{name}.toml"
+    p.write_text(text)
+    return p
+
+
+class PollerProcess:
+    """One ``dcmon run`` process; ``prototype``: with bench_bus's expected-length receive patched into Bus."""
+
+    def __init__(self, cfg: Path, prefix: str, tmp: Path, *, prototype: bool) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DCMON_")}
+        env["DCMON_STATUS_PATH"] = str(tmp / f"{prefix}.status.json")
+        args = ["run", "--config", str(cfg), "--no-print", "--log-level", "warning"]
+        if prototype:
+            boot = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_bus; "
+                    f"bench_bus.patch_bus_class(); import dcmon.cli; dcmon.cli.run_main()")
+            cmd = [sys.executable, "-c", boot, *args]
+        else:
+            cmd = [sys.executable, "-m", "dcmon.cli", *args]
+        self.prefix = prefix
+        self.log_path = tmp / f"{prefix}.log"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.where = f"""WHERE "sensor" =~ /^{prefix}_/"""
+
+    def count(self, influx: Influxd) -> int:
+        return influx.count("dc_power", where=self.where)
+
+    def wait_ready(self, influx: Influxd, timeout_s: float = 30.0) -> None:
+        """Until its first readings are in influxd (start-up is not what is measured)."""
+        deadline = time.monotonic() + timeout_s
+        while self.count(influx) == 0:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                tail = self.log_path.read_text(errors="replace").strip().splitlines()
+                raise SystemExit(f"bench: `dcmon run` wrote nothing to influxd: {tail[-1] if tail else 'no output'}")
+            time.sleep(0.1)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            status = self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            status = self.proc.wait()
+        self._log.close()
+        return status
+
+
+@dataclass
+class Run:
+    readings: int
+    seconds: float
+    cpu_s: float
+    rss_mb: float
+    exit_status: int
+
+    @property
+    def cpu_ms_per_reading(self) -> float:
+        return 1000 * self.cpu_s / self.readings if self.readings else float("inf")
+
+    @property
+    def cpu_pct(self) -> float:
+        return 100 * self.cpu_s / self.seconds
+
+
+def measure(pollers: list[PollerProcess], influx: Influxd, seconds: float, settle_s: float = 1.0) -> list[Run]:
+    """Measure running pollers side by side over the same ``seconds``, then stop them."""
+    try:
+        for p in pollers:
+            p.wait_ready(influx)
+        time.sleep(settle_s)                 # past start-up: imports, spool open, first connections
+        first = [(cpu_seconds(p.proc.pid), p.count(influx), time.monotonic()) for p in pollers]
+        time.sleep(seconds)
+        last = [(cpu_seconds(p.proc.pid), p.count(influx), time.monotonic()) for p in pollers]
+        rss = [peak_rss_mb(p.proc.pid) for p in pollers]
+    finally:
+        statuses = [p.stop() for p in pollers]
+    return [Run(n1 - n0, t1 - t0, c1 - c0, r, st)
+            for (c0, n0, t0), (c1, n1, t1), r, st in zip(first, last, rss, statuses)]
+
+
+# ----------------------------------------------------------------------------------------- main
+
+VARIANTS = ("shipped", "prototype recv")
+
+
+def main(argv: list[str] | None = None) -> int:
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[attr-defined]
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seconds", type=float, default=15.0, help="measuring time of each 32-meter run (default 15)")
+    ap.add_argument("--minute", type=float, default=60.0, help="measuring time of the 8 meters × 1 Hz runs (default 60)")
+    ap.add_argument("--quick", action="store_true", help="all pollers at once for 1.5 s, one import timing (smoke test)")
+    args = ap.parse_args(argv)
+    seconds, minute, repeats = (1.5, 1.5, 1) if args.quick else (args.seconds, args.minute, 5)
+
+    base = wall("pass", repeats)
+    run_all = wall(RUN_IMPORTS, repeats)
+    if args.quick:
+        print(f"start-up (wall, one try, beyond `python -c pass` = {base * 1000:.0f} ms): everything `dcmon run` "
+              f"imports {(run_all - base) * 1000:.0f} ms")
+    else:
+        cli = wall("import dcmon.cli", repeats)
+        tree = wall("import dcmon.cli as c; c.build_parser()", repeats)
+        print(f"start-up, best of {repeats} (wall, beyond `python -c pass` = {base * 1000:.0f} ms): import dcmon.cli "
+              f"{(cli - base) * 1000:.0f} ms; its command tree (every dcmon command) {(tree - base) * 1000:.0f} ms; "
+              f"everything `dcmon run` imports {(run_all - base) * 1000:.0f} ms")
+        print("  where (self time by package, -X importtime): "
+              + ", ".join(f"{k} {v:.0f} ms" for k, v in heaviest_imports(RUN_IMPORTS)))
+
+    with tempfile.TemporaryDirectory(prefix="dcmon-bench-") as tmpdir, contextlib.ExitStack() as stack:
+        tmp = Path(tmpdir)
+        try:
+            influx = Influxd(tmp / "influxd").start()
+        except RuntimeError as e:
+            print(f"bench: cannot start influxd: {str(e).splitlines()[0]}", file=sys.stderr)
+            return 1
+        stack.callback(influx.stop)
+        influx.create_db("dcmon")
+        fast = stack.enter_context(simulators(8, list(range(1, 9)), timing=False))   # 4 buses a variant
+        wired = stack.enter_context(simulators(2, list(range(1, 9)), timing=True, turnaround_s=0.010))
+
+        def cost_poller(i: int) -> PollerProcess:
+            cfg = write_config(tmp, f"cost{i}", fast[4 * i:4 * i + 4], 8, 0.0, influx.url)
+            return PollerProcess(cfg, f"cost{i}", tmp, prototype=i == 1)
+
+        def idle_poller(i: int) -> PollerProcess:
+            cfg = write_config(tmp, f"idle{i}", wired[i:i + 1], 8, 1.0, influx.url)
+            return PollerProcess(cfg, f"idle{i}", tmp, prototype=i == 1)
+
+        if args.quick:   # all at once: the smoke test checks that it runs, not the numbers
+            cost0, cost1, idle0, idle1 = measure([cost_poller(0), cost_poller(1), idle_poller(0), idle_poller(1)],
+                                                 influx, seconds, settle_s=0.3)
+            cost, idle = [cost0, cost1], [idle0, idle1]
+        else:            # the 32-meter runs one after the other (each keeps a core busy), the 1 Hz ones together
+            cost = measure([cost_poller(0)], influx, seconds) + measure([cost_poller(1)], influx, seconds)
+            idle = measure([idle_poller(0), idle_poller(1)], influx, minute)
+
+    print(f"\n{'':44}{VARIANTS[0]:>16}{VARIANTS[1]:>16}")
+    rows = [
+        ("32 meters, 4 buses, zero latency, interval 0", None),
+        ("  readings into influxd a second", [f"{r.readings / r.seconds:.0f}" for r in cost]),
+        ("  poller CPU, % of one core", [f"{r.cpu_pct:.0f}" for r in cost]),
+        ("  poller CPU a reading, ms", [f"{r.cpu_ms_per_reading:.3f}" for r in cost]),
+        ("  peak RSS, MB", [f"{r.rss_mb:.1f}" for r in cost]),
+        (f"8 meters × 1 Hz, 9600 8N2 timing, {minute:g} s", None),
+        ("  readings into influxd a second", [f"{r.readings / r.seconds:.2f}" for r in idle]),
+        ("  poller CPU, % of one core", [f"{r.cpu_pct:.2f}" for r in idle]),
+        ("  poller CPU a reading, ms", [f"{r.cpu_ms_per_reading:.3f}" for r in idle]),
+        ("  peak RSS, MB", [f"{r.rss_mb:.1f}" for r in idle]),
+        ("exit status after SIGTERM", [f"{a.exit_status}/{b.exit_status}" for a, b in zip(cost, idle)]),
+    ]
+    for label, cells in rows:
+        print(f"{label:<44}" + "".join(f"{c:>16}" for c in cells or []))
+    print()
+    for i, variant in enumerate(VARIANTS):
+        c, d = cost[i], idle[i]
+        print(f"RATIO CPU per reading, {variant} (poll, decode, spool, encode, send): {c.cpu_ms_per_reading:.3f} ms "
+              f"(target ≤ {TARGET_CPU_MS:g} ms) {verdict(c.cpu_ms_per_reading <= TARGET_CPU_MS)}")
+        print(f"RATIO peak RSS with 32 meters, {variant}: {c.rss_mb:.1f} MB (target ≤ {TARGET_RSS_MB:g} MB) "
+              f"{verdict(c.rss_mb <= TARGET_RSS_MB)}")
+        print(f"RATIO CPU at 8 meters × 1 Hz, {variant}: {d.cpu_pct:.2f} % of one core over {d.seconds:.0f} s "
+              f"(target ≤ {TARGET_IDLE_PCT:g} %) {verdict(d.cpu_pct <= TARGET_IDLE_PCT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        sys.exit(130)
