@@ -9,8 +9,9 @@ after shifting each cycle's timestamps onto a three-day history (the poller stam
 
 Grafana itself cannot run here (no Debian package; `apt-cache policy grafana` shows none), so the queries
 are expanded the way Grafana expands them before they reach InfluxDB:
-- ``$timeFilter``: the backend (Grafana ≥ 7 with server access) sends ``time >= <from>ms and time <= <to>ms``;
-  the browser path sends ``time >= now() - 6h and time <= now()`` for relative ranges. Both forms are run.
+- ``$timeFilter``: current Grafana runs InfluxQL in its server, which substitutes
+  ``time >= <from>ms and time <= <to>ms``; the older browser-side path substitutes
+  ``time >= now() - 6h and time <= now()`` for ranges like now-6h. Both forms are run where both exist.
   A panel's ``timeFrom`` (relative time override) replaces the dashboard range, as in Grafana.
 - ``$__interval``: ``1m`` (Grafana's formatted interval, as the backend substitutes it).
 - template variables (InfluxDB data source ``interpolateQueryExpr``): a multi-value variable becomes

@@ -171,7 +171,7 @@ def explain(r: httpx.Response) -> str:
         message = str(r.json().get("message", ""))
     except ValueError:
         message = r.text.strip().splitlines()[0] if r.text.strip() else ""
-    message = message[:200]
+    message = " ".join(message.split())[:200]          # one line, whatever the server sent
     text = f"{r.status_code} {message or r.reason_phrase}".strip()
     if r.status_code == 401:
         return text + " (check grafana.token, or grafana.username and grafana.password)"
