@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -121,6 +122,9 @@ def test_all_sent_in_order_and_acked(fake, spool):
     assert fake.stored == lines  # oldest first
     assert [len(r) for _, r in fake.requests] == [10, 10, 3]
     assert s.sent_points == 23 and spool.stats().depth == 0
+    other = sqlite3.connect(spool.path)  # flush committed the (deferred) acks: gone from the file too
+    assert other.execute("SELECT count(*) FROM queue").fetchone()[0] == 0
+    other.close()
 
 
 def test_400_naming_line_quarantines_only_that_line(fake, spool):

@@ -246,3 +246,37 @@ def test_corruption_while_open_is_moved_aside(tmp_path, caplog):
     assert len(list(tmp_path.glob("spool.sqlite.corrupt-*"))) == 1
     assert any("moved it to" in r.getMessage() for r in caplog.records)
     sp.close()
+
+
+def test_deferred_ack_rides_on_next_put(tmp_path):
+    """The sender's acks are committed with the next put (one commit per cycle instead of two). Until
+    then the rows are still on disk: a crash re-sends them, which InfluxDB absorbs (same timestamps)."""
+    path = tmp_path / "spool.sqlite"
+    sp = Spool.open(path, max_bytes=64 * MiB, max_age_s=86400)
+    first, second = lines(8, start=0), lines(8, start=8)
+    sp.put(first)
+    sp.ack([rid for rid, _ in sp.peek(100)], defer=True)
+    assert sp.peek(100) == [] and sp.stats().depth == 0 and sp.stats().oldest_time_ns is None
+
+    def on_disk() -> list[str]:
+        other = sqlite3.connect(path)
+        try:
+            return [r[0] for r in other.execute("SELECT line FROM queue ORDER BY id")]
+        finally:
+            other.close()
+
+    assert on_disk() == first  # not deleted yet: a crash now would send these again
+    commits: list[str] = []
+    sp._db.set_trace_callback(lambda sql: commits.append(sql) if sql.strip().upper() == "COMMIT" else None)
+    sp.put(second)
+    assert len(commits) == 1  # the delete and the insert in one transaction
+    assert on_disk() == second and [x for _, x in sp.peek(100)] == second and sp.stats().depth == 8
+    sp.ack([rid for rid, _ in sp.peek(100)], defer=True)
+    sp.flush_acks(older_than_s=3600)  # too young: stays deferred
+    assert on_disk() == second
+    sp.flush_acks()
+    assert on_disk() == []
+    sp.put(first)
+    sp.ack([rid for rid, _ in sp.peek(100)], defer=True)
+    sp.close()  # close commits deferred acks
+    assert on_disk() == []

@@ -26,6 +26,7 @@ from .spool import Spool
 
 log = logging.getLogger(__name__)
 
+ACK_DEFER_S = 5.0           # acks ride on the next put's commit; when idle, committed after this long
 IDLE_TICK_S = 5.0           # look at the spool this often even without a poke (e.g. after `quarantine retry`)
 STOP_SLICE_S = 0.2          # how promptly run() notices its stop event
 MAX_RETRY_AFTER_S = 600.0   # a server asking for a longer pause than this is not believed
@@ -80,7 +81,14 @@ class Sender:
                     self._failed(e)
             if self._retry_at > time.monotonic():
                 wait = self._retry_at - time.monotonic()
+            else:
+                self._commit_idle_acks()
             self._sleep(wait, stop)
+
+    def send_once(self) -> bool:
+        """Send one batch now, as run() does on each wake-up. True if a full batch went (more may wait).
+        Raises the sink's error when the batch could not be delivered."""
+        return self._drain_some(deadline=None, stop=None)
 
     def flush(self, timeout_s: float) -> bool:
         """Send everything queued now, trying until ``timeout_s`` has passed (plus at most one request's
@@ -88,6 +96,16 @@ class Sender:
         deadline = time.monotonic() + max(0.0, timeout_s)
         if self.sink is None:
             return self.spool.stats().depth == 0
+        try:
+            return self._flush(deadline)
+        finally:
+            try:
+                self.spool.flush_acks()
+            except Exception as e:  # noqa: BLE001 - flush reports, it does not raise
+                log.warning("cannot record sent readings in the spool (%s); they will be sent again, "
+                            "which is harmless", e)
+
+    def _flush(self, deadline: float) -> bool:
         while True:
             try:
                 if not self._drain_some(deadline=deadline, stop=None) and not self.spool.peek(1):
@@ -102,6 +120,12 @@ class Sender:
                 return not self.spool.peek(1)
 
     # ------------------------------------------------------------------------------------ internals
+
+    def _commit_idle_acks(self) -> None:
+        try:
+            self.spool.flush_acks(older_than_s=ACK_DEFER_S)
+        except Exception as e:  # noqa: BLE001 - logged by _failed, retried on the next tick
+            self._failed(e)
 
     def _sleep(self, seconds: float, stop: threading.Event) -> None:
         """Wait for a poke, the stop event, or the time, whichever comes first. During a back-off a poke
@@ -168,7 +192,7 @@ class Sender:
                     self.batch_lines = mid
                 stack += [part[mid:], part[:mid]]
                 continue
-            self.spool.ack([rid for rid, _ in part])
+            self.spool.ack([rid for rid, _ in part], defer=True)
             self.sent_points += len(part)
             self._drain_sent += len(part)
 
