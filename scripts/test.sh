@@ -11,6 +11,9 @@ cd "$(dirname "$0")/.."
 # systemd (systemd-analyze verifies the unit), librsvg2-bin (renders the diagram).
 DEB_PACKAGES=(python3-venv python3-pip influxdb mbpoll victoria-metrics shellcheck docker-compose systemd udev librsvg2-bin)
 
+# Node.js and npm check the dashboards against Grafana's published schema (@grafana/schema + tsc);
+# Debian's are installed only where no node/npm is on the PATH already.
+command -v npm >/dev/null && command -v node >/dev/null || DEB_PACKAGES+=(nodejs npm)
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

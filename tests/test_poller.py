@@ -9,7 +9,8 @@ import pytest
 
 from dcmon import config
 from dcmon.models import PZEM017
-from dcmon.poller import Poller, apply_calibration, bus_loop, is_plausible, next_deadline
+from dcmon.calibration import apply_calibration
+from dcmon.poller import Poller, bus_loop, is_plausible, next_deadline
 from dcmon.simulator import SimMeter, Simulator, meters_for
 
 CFG = """
@@ -139,7 +140,7 @@ def test_calibration_is_applied_and_recorded(tmp_path, sim):
     cfg = make_cfg(tmp_path, sim.path, extra=extra)
     solar = cfg.sensors[1]
     raw = {"voltage_v": 12.0, "current_a": 10.0, "power_w": 120.0, "energy_wh": 7.0}
-    cal = apply_calibration(solar, raw)
+    cal = apply_calibration(raw, solar.calibration)
     assert cal["voltage_v"] == pytest.approx(12.12) and cal["current_a"] == pytest.approx(9.85)
     assert cal["power_w"] == pytest.approx(12.12 * 9.85, abs=0.01) and cal["energy_wh"] == 7.0
     p = Poller(cfg, put=lambda lines: None)

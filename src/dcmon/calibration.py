@@ -144,10 +144,11 @@ def apply_calibration(values: Mapping[str, Any], cal: Calibration) -> dict[str, 
     if cal.is_identity:
         return out
     v, i = values.get("voltage_v"), values.get("current_a")
+    # rounded a little finer than the meters' resolution, so stored values are not 12.120000000000001
     if isinstance(v, (int, float)) and not isinstance(v, bool):
-        out["voltage_v"] = max(0.0, fit_of(cal, "voltage").apply(v))
+        out["voltage_v"] = round(max(0.0, fit_of(cal, "voltage").apply(v)), 4)
     if isinstance(i, (int, float)) and not isinstance(i, bool):
-        out["current_a"] = max(0.0, fit_of(cal, "current").apply(i))
+        out["current_a"] = round(max(0.0, fit_of(cal, "current").apply(i)), 5)
     p = values.get("power_w")
     if isinstance(p, (int, float)) and not isinstance(p, bool) and v and i:
         out["power_w"] = p * (out["voltage_v"] * out["current_a"]) / (v * i)

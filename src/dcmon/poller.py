@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 from .bus import Bus, BusSettings
+from .calibration import apply_calibration
 from .config import Config, SensorConfig, load
 from .errors import BusError, DcmonError, DeviceError, PortNotFound
 from .meter import read_values, set_shunt
@@ -74,24 +75,6 @@ def is_plausible(model: Model, v: dict[str, FieldValue]) -> str:
     if abs(watt - expected) > 0.10 * expected + 2.0 + 0.02 * (volt + amp):
         return f"power {watt:g} W does not match V × I = {expected:.1f} W"
     return ""
-
-
-def apply_calibration(cfg: SensorConfig, values: dict[str, FieldValue]) -> dict[str, FieldValue]:
-    """value = raw × gain + offset for voltage and current; power is scaled by the same factors
-    (P = V × I); the energy counter is left as the meter counts it."""
-    cal = cfg.calibration
-    if cal.is_identity:
-        return values
-    out = dict(values)
-    v_raw, i_raw = float(values["voltage_v"]), float(values["current_a"])
-    v = max(0.0, v_raw * cal.voltage_gain + cal.voltage_offset)
-    i = max(0.0, i_raw * cal.current_gain + cal.current_offset)
-    kv = v / v_raw if v_raw else cal.voltage_gain
-    ki = i / i_raw if i_raw else cal.current_gain
-    out["voltage_v"] = round(v, 3)
-    out["current_a"] = round(i, 4)
-    out["power_w"] = round(float(values["power_w"]) * kv * ki, 2)
-    return out
 
 
 # ------------------------------------------------------------------------------------------- poller
@@ -188,7 +171,7 @@ class Poller:
             st.discarded += 1
             log.warning("%s: implausible reading discarded: %s", who, why)
             return None
-        values = apply_calibration(s, values)
+        values = apply_calibration(values, s.calibration)
         energy = float(values["energy_wh"])
         reset = st.last_energy is not None and energy < st.last_energy
         if reset:
