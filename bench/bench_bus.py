@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import selectors
 import statistics
 import subprocess
@@ -204,7 +205,7 @@ class Result:
 
 
 def run_poller(cfg: config.Config, seconds: float, prepare: Callable[[Poller], None] | None = None,
-               warmup_s: float = 0.3) -> Result:
+               warmup_s: float = 0.2) -> Result:
     """The real poll loops (one thread per bus, interval 0) for ``seconds`` after a warm-up; count good reads."""
     poller = Poller(cfg, put=lambda lines: None)
     if prepare:
@@ -270,9 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--meters", type=int, default=10, help="meters per bus (default 10)")
     ap.add_argument("--buses", type=int, default=4, help="buses for the scaling rows (default 4)")
     ap.add_argument("--turnaround", type=float, default=0.010, help="meter turnaround in seconds (default 0.010)")
-    ap.add_argument("--quick", action="store_true", help="1 s per row, no reference row (smoke test)")
+    ap.add_argument("--quick", action="store_true", help="0.6 s a row, no reference row (smoke test)")
     args = ap.parse_args(argv)
-    seconds = 1.0 if args.quick else args.seconds
+    seconds = 0.6 if args.quick else args.seconds
 
     per_read = wire_time_s(args.turnaround)
     max_rate = 1 / per_read
@@ -281,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     addresses = list(range(1, args.meters + 1))
     print(f"bus throughput: {args.meters} meters a bus, 9600 8N2 ({CHAR_S * 1000:.3f} ms/char), "
           f"turnaround {args.turnaround * 1000:g} ms, interval 0, {seconds:g} s a row")
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the start")
     print(f"wire limit: 1 / (({REQUEST_CHARS} + {REPLY_CHARS} + 2 × {SILENCE_CHARS}) chars + "
           f"{args.turnaround * 1000:g} ms) = 1 / {per_read * 1000:.2f} ms = {max_rate:.2f} reads/s a bus")
 
@@ -288,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             simulators(args.buses, addresses, timing=True, turnaround_s=sim_turnaround) as paths:
         tmp = Path(tmpdir)
         model = (REQUEST_CHARS + SILENCE_CHARS + REPLY_CHARS) * CHAR_S + args.turnaround
-        measured = measure_reply_latency(paths[0])
+        measured = measure_reply_latency(paths[0], samples=5 if args.quick else 20)
         note = "ok" if abs(measured - model) < 0.0015 else "OFF: the simulator's timing model changed; fix sim_turnaround"
         print(f"calibration: simulator request → last reply byte {measured * 1000:.2f} ms, model "
               f"{model * 1000:.2f} ms ({note})")
@@ -314,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{label:<36} {n:>5} {r.reads_per_s:8.2f} {r.reads_per_s / n:7.2f} "
                   f"{100 * r.reads_per_s / n / max_rate:8.1f}% {r.failed:7d}")
         print()
-        why_s = 0.5 if args.quick else 3.0
+        why_s = 0.3 if args.quick else 3.0
         print(f"why (shipped):   {why(one, why_s, measured, prototype=False)}")
         print(f"why (prototype): {why(one, why_s, measured, prototype=True)}")
         print()

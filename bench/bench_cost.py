@@ -25,6 +25,7 @@ fail CI), 1 with one line if it could not run (no influxd, simulator would not s
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import os
 import re
@@ -94,6 +95,22 @@ def heaviest_imports(code: str, top: int = 6) -> list[tuple[str, float]]:
             key = name if name.startswith("dcmon.") else name.split(".")[0].lstrip("_")
             by_pkg[key] += int(m.group(1)) / 1000
     return sorted(by_pkg.items(), key=lambda kv: -kv[1])[:top]
+
+
+def startup_report(*, quick: bool) -> str:
+    repeats = 1 if quick else 5
+    base = wall("pass", repeats)
+    run_all = wall(RUN_IMPORTS, repeats)
+    if quick:
+        return (f"start-up (wall, one try, beyond `python -c pass` = {base * 1000:.0f} ms): everything `dcmon run` "
+                f"imports {(run_all - base) * 1000:.0f} ms")
+    cli = wall("import dcmon.cli", repeats)
+    tree = wall("import dcmon.cli as c; c.build_parser()", repeats)
+    return (f"start-up, best of {repeats} (wall, beyond `python -c pass` = {base * 1000:.0f} ms): import dcmon.cli "
+            f"{(cli - base) * 1000:.0f} ms; its command tree (every dcmon command) {(tree - base) * 1000:.0f} ms; "
+            f"everything `dcmon run` imports {(run_all - base) * 1000:.0f} ms\n"
+            "  where (self time by package, -X importtime): "
+            + ", ".join(f"{k} {v:.0f} ms" for k, v in heaviest_imports(RUN_IMPORTS)))
 
 
 # ----------------------------------------------------------------------------------- the poller
@@ -209,26 +226,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=15.0, help="measuring time of each 32-meter run (default 15)")
     ap.add_argument("--minute", type=float, default=60.0, help="measuring time of the 8 meters × 1 Hz runs (default 60)")
-    ap.add_argument("--quick", action="store_true", help="all pollers at once for 1.5 s, one import timing (smoke test)")
+    ap.add_argument("--quick", action="store_true", help="all pollers at once for 1 s, one import timing (smoke test)")
     args = ap.parse_args(argv)
-    seconds, minute, repeats = (1.5, 1.5, 1) if args.quick else (args.seconds, args.minute, 5)
+    seconds, minute = (1.0, 1.0) if args.quick else (args.seconds, args.minute)
 
-    base = wall("pass", repeats)
-    run_all = wall(RUN_IMPORTS, repeats)
-    if args.quick:
-        print(f"start-up (wall, one try, beyond `python -c pass` = {base * 1000:.0f} ms): everything `dcmon run` "
-              f"imports {(run_all - base) * 1000:.0f} ms")
-    else:
-        cli = wall("import dcmon.cli", repeats)
-        tree = wall("import dcmon.cli as c; c.build_parser()", repeats)
-        print(f"start-up, best of {repeats} (wall, beyond `python -c pass` = {base * 1000:.0f} ms): import dcmon.cli "
-              f"{(cli - base) * 1000:.0f} ms; its command tree (every dcmon command) {(tree - base) * 1000:.0f} ms; "
-              f"everything `dcmon run` imports {(run_all - base) * 1000:.0f} ms")
-        print("  where (self time by package, -X importtime): "
-              + ", ".join(f"{k} {v:.0f} ms" for k, v in heaviest_imports(RUN_IMPORTS)))
-
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the start")
     with tempfile.TemporaryDirectory(prefix="dcmon-bench-") as tmpdir, contextlib.ExitStack() as stack:
         tmp = Path(tmpdir)
+        if args.quick:   # beside influxd's start-up, which it then slows: good enough to see that it runs
+            imports = stack.enter_context(concurrent.futures.ThreadPoolExecutor(1)).submit(startup_report, quick=True)
+        else:
+            print(startup_report(quick=False))
         try:
             influx = Influxd(tmp / "influxd").start()
         except RuntimeError as e:
@@ -248,8 +256,9 @@ def main(argv: list[str] | None = None) -> int:
             return PollerProcess(cfg, f"idle{i}", tmp, prototype=i == 1)
 
         if args.quick:   # all at once: the smoke test checks that it runs, not the numbers
+            print(imports.result())
             cost0, cost1, idle0, idle1 = measure([cost_poller(0), cost_poller(1), idle_poller(0), idle_poller(1)],
-                                                 influx, seconds, settle_s=0.3)
+                                                 influx, seconds, settle_s=0.2)
             cost, idle = [cost0, cost1], [idle0, idle1]
         else:            # the 32-meter runs one after the other (each keeps a core busy), the 1 Hz ones together
             cost = measure([cost_poller(0)], influx, seconds) + measure([cost_poller(1)], influx, seconds)

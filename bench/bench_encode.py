@@ -25,6 +25,7 @@ Prints ``RATIO …`` lines with PASS/MISS; exits 0 (a benchmark reports, it does
 from __future__ import annotations
 
 import argparse
+import os
 import math
 import re
 import sys
@@ -215,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     awkward = make_readings(16, awkward=True)
     print(f"line-protocol encoding: {n} readings a batch ({len(readings[0].tags)} tags, "
           f"{len(readings[0].fields)} fields), best batch, round-robin over {budget:g} s a row")
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the start")
     print(f"example: {readings[0].to_line()}")
     same = sum(differences(shipped(rs), fn(rs)) for rs in (readings, awkward)
                for fn in (prototype, lambda x: with_heads(x)()))
