@@ -6,9 +6,10 @@
 #   sudo deploy/install.sh --no-start      the same, but leave the service stopped (configure first)
 #   sudo deploy/install.sh --uninstall     remove program, unit and udev rule; keep config, spool and user
 #   sudo deploy/install.sh --uninstall --purge   remove those too
-#   deploy/install.sh --prefix DIR         install into DIR as if it were / (image building, tests): no apt,
+#   sudo deploy/install.sh --prefix DIR    install into DIR as if it were / (image building, tests): no apt,
 #                                          user and group written to DIR/etc with useradd --prefix, unit
 #                                          enabled with systemctl --root, nothing started, nothing reloaded
+#   --source DIR                           install from another checkout than the one this script is in
 #
 # What goes where (docs/install.md):
 #   /opt/dcmon/venv                   the package and its dependencies (pip, from this checkout)
@@ -272,7 +273,10 @@ install_unit() {
       systemctl daemon-reload
     fi
   fi
-  if [ -n "$PREFIX" ]; then
+  if ! command -v systemctl >/dev/null; then
+    NO_SYSTEMD=1
+    say "systemctl not found: the unit is installed but not enabled (dcmon runs as a service under systemd only)"
+  elif [ -n "$PREFIX" ]; then
     systemctl --root="$PREFIX" --quiet is-enabled dcmon.service 2>/dev/null ||
       { systemctl --root="$PREFIX" --quiet enable dcmon.service; changed "enabled dcmon.service"; }
   else
@@ -297,7 +301,7 @@ install_udev_rule() {
 }
 
 start_service() {
-  if [ -n "$PREFIX" ]; then
+  if [ -n "$PREFIX" ] || [ "${NO_SYSTEMD:-0}" -eq 1 ]; then
     return 0
   elif [ "$NO_START" -eq 1 ]; then
     say "not starting the service (--no-start): systemctl start dcmon when the configuration is ready"
@@ -335,7 +339,9 @@ do_install() {
 
 do_uninstall() {
   if [ -e "$P$UNIT" ]; then
-    if [ -n "$PREFIX" ]; then
+    if ! command -v systemctl >/dev/null; then
+      :  # nothing can have enabled it
+    elif [ -n "$PREFIX" ]; then
       systemctl --root="$PREFIX" --quiet disable dcmon.service 2>/dev/null || true
     else
       if systemd_running; then

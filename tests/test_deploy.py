@@ -13,10 +13,13 @@ What runs here, for real:
 - the udev rule parsed by the real ``udevadm test`` (bookworm's systemd 252 has no ``udevadm verify``:
   it came in 253) in a private mount namespace, so nothing is written to this machine's /run or /dev.
 
-Not run here: install.sh against the real root (apt-get, useradd on the host, systemctl start): there is
-no systemd running as PID 1 in this container, and the test must not change the machine. Nor a debootstrap
-chroot (minutes of downloads per run). The service's sandbox (seccomp filter, DevicePolicy) is only
-verified statically, not exercised on a booted system. The udev rule's matching needs a real FTDI adapter.
+Opt-in (``DCMON_TEST_CHROOT=DIR``, about 3 minutes with downloads): install.sh without ``--prefix`` in a
+debootstrap'ed Debian bookworm: apt-get, useradd, systemctl enable offline, twice, then uninstall --purge.
+
+Not run here: install.sh against this machine's own root, and ``systemctl start``: there is no systemd
+running as PID 1 in this container, and a test must not change the machine. So the service's sandbox
+(seccomp filter, DevicePolicy) is verified statically only, not exercised on a booted system. The udev
+rule's matching needs a real FTDI adapter.
 
 A missing tool fails its test with the Debian package to install (scripts/test.sh installs them all).
 """
@@ -244,6 +247,51 @@ def test_uninstall_keeps_data_then_purge_removes_it(installed):
     assert not (root / "etc/dcmon").exists() and not (root / "var/lib/dcmon").exists()
     assert installed.entry("passwd", "dcmon") is None and installed.entry("group", "dcmon") is None
     assert "dcmon" not in installed.entry("group", "dialout")[3].split(",")
+
+
+# ------------------------------------------------------------- install.sh for real, in a debootstrap chroot
+
+@pytest.mark.skipif(not os.environ.get("DCMON_TEST_CHROOT"),
+                    reason="opt-in, about 3 min and network: DCMON_TEST_CHROOT=/var/tmp/dcmon-chroot runs install.sh "
+                           "without --prefix in a debootstrap'ed Debian bookworm (kept there for the next run)")
+def test_install_in_debootstrap_chroot():
+    """The real code path (apt-get, useradd, getent, systemctl enable offline) on a fresh Debian root, twice
+    (idempotent), then uninstall and purge. Mounts happen in a private mount namespace and vanish with it."""
+    need_root()
+    need("debootstrap", "debootstrap")
+    need("unshare", "util-linux")
+    chroot = Path(os.environ["DCMON_TEST_CHROOT"])
+    if not (chroot / "etc/debian_version").exists():
+        r = run(["debootstrap", "--variant=minbase", "--include=systemd", "bookworm", str(chroot),
+                 "http://deb.debian.org/debian"], timeout=900)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    src = chroot / "root/dcmon-src"
+    shutil.rmtree(src, ignore_errors=True)
+    src.mkdir(parents=True)
+    snapshot_source(src)
+    shutil.copy("/etc/resolv.conf", chroot / "etc/resolv.conf")
+    env = ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root"]
+    ca = os.environ.get("PIP_CERT") or os.environ.get("REQUESTS_CA_BUNDLE")
+    if ca:  # a TLS-intercepting proxy's CA, as the host trusts it
+        shutil.copy(ca, chroot / "root/host-ca.crt")
+        env.append("PIP_CERT=/root/host-ca.crt")
+
+    def inside(*cmd: str) -> subprocess.CompletedProcess[str]:
+        script = 'mount -t proc proc "$1/proc" && mount --bind /dev "$1/dev" && shift && exec chroot "$@"'
+        return run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(chroot),
+                    str(chroot), "/usr/bin/env", "-i", *env, *cmd], timeout=600)
+
+    first = inside("bash", "/root/dcmon-src/deploy/install.sh")
+    assert first.returncode == 0, first.stdout + first.stderr
+    second = inside("bash", "/root/dcmon-src/deploy/install.sh")
+    assert second.returncode == 0 and "0 changes" in second.stdout, second.stdout + second.stderr
+    check = inside("sh", "-c", "id dcmon && systemctl is-enabled dcmon && stat -c '%a %U:%G' /etc/dcmon/config.local.toml "
+                   "&& su -s /bin/sh dcmon -c '/usr/local/bin/dcmon check-config' && systemd-analyze verify /etc/systemd/system/dcmon.service")
+    assert check.returncode == 0 and check.stderr == "", check.stdout + check.stderr
+    assert "dialout" in check.stdout and "enabled" in check.stdout and "640 root:dcmon" in check.stdout
+    gone = inside("bash", "/root/dcmon-src/deploy/install.sh", "--uninstall", "--purge")
+    assert gone.returncode == 0 and "removed user dcmon" in gone.stdout, gone.stdout + gone.stderr
+    assert not (chroot / "opt/dcmon").exists() and not (chroot / "etc/dcmon").exists()
 
 
 # ------------------------------------------------------------------------------------------ systemd unit
