@@ -95,7 +95,7 @@ class Sender:
         timeout). True if the spool is empty afterwards. Used at shutdown and by ``run --once``."""
         deadline = time.monotonic() + max(0.0, timeout_s)
         if self.sink is None:
-            return self.spool.stats().depth == 0
+            return self._empty()
         try:
             return self._flush(deadline)
         finally:
@@ -108,16 +108,22 @@ class Sender:
     def _flush(self, deadline: float) -> bool:
         while True:
             try:
-                if not self._drain_some(deadline=deadline, stop=None) and not self.spool.peek(1):
+                if not self._drain_some(deadline=deadline, stop=None) and self._empty():
                     return True
             except Exception as e:  # noqa: BLE001 - flush reports, it does not raise
                 self._failed(e)
                 pause = max(0.2, min(1.0, self._retry_at - time.monotonic()))
                 if time.monotonic() + pause >= deadline:
-                    return not self.spool.peek(1)
+                    return self._empty()
                 time.sleep(pause)
             if time.monotonic() >= deadline:
-                return not self.spool.peek(1)
+                return self._empty()
+
+    def _empty(self) -> bool:
+        try:
+            return not self.spool.peek(1)
+        except Exception:  # noqa: BLE001 - an unreadable spool is not an empty one
+            return False
 
     # ------------------------------------------------------------------------------------ internals
 
