@@ -35,7 +35,29 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 30.
     raise RuntimeError(f"server at {url} did not start in {timeout} s: {log.read_text()[-2000:]}")
 
 
-class Influxd:
+class _Server:
+    """A server process in its own session, so that stop() ends it and anything it started."""
+
+    proc: subprocess.Popen | None = None
+    dir: Path
+
+    def _spawn(self, argv: list[str], ready_url: str) -> None:
+        log = self.dir / f"{Path(argv[0]).name}.log"
+        self.proc = subprocess.Popen(argv, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        _wait_http(ready_url, self.proc, log)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+
+
+class Influxd(_Server):
     """influxd (InfluxDB 1.x) on loopback. ``stop()``/``start()`` keep the data directory, for outage tests."""
 
     def __init__(self, workdir: Path) -> None:
@@ -77,21 +99,9 @@ bind-address = "127.0.0.1:{self.rpc_port}"
 """)
 
     def start(self) -> Influxd:
-        log = self.dir / "influxd.log"
-        self.proc = subprocess.Popen(["influxd", "-config", str(self.conf)], stdout=log.open("ab"),
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        _wait_http(f"{self.url}/ping", self.proc, log)
+        self._spawn(["influxd", "-config", str(self.conf)], f"{self.url}/ping")
         return self
 
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.proc = None
 
     def query(self, q: str, db: str = "dcmon") -> list[dict]:
         """Run InfluxQL; return the list of series (each {'name','columns','values', maybe 'tags'})."""
@@ -113,7 +123,7 @@ bind-address = "127.0.0.1:{self.rpc_port}"
         return int(series[0]["values"][0][1]) if series else 0
 
 
-class VictoriaMetrics:
+class VictoriaMetrics(_Server):
     """victoria-metrics on loopback: accepts InfluxDB line protocol on /write and /api/v2/write."""
 
     def __init__(self, workdir: Path) -> None:
@@ -126,23 +136,10 @@ class VictoriaMetrics:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> VictoriaMetrics:
-        log = self.dir / "vm.log"
-        self.proc = subprocess.Popen(
-            ["victoria-metrics", f"-storageDataPath={self.dir}/data", f"-httpListenAddr=127.0.0.1:{self.port}",
-             "-retentionPeriod=100y", "-search.disableCache", "-loggerLevel=ERROR"],
-            stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
-        _wait_http(f"{self.url}/health", self.proc, log)
+        self._spawn(["victoria-metrics", f"-storageDataPath={self.dir}/data", f"-httpListenAddr=127.0.0.1:{self.port}",
+                     "-retentionPeriod=100y", "-search.disableCache", "-loggerLevel=ERROR"], f"{self.url}/health")
         return self
 
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.proc = None
 
     def flush(self) -> None:
         httpx.get(f"{self.url}/internal/force_flush", timeout=10)
