@@ -1,22 +1,25 @@
 #!/usr/bin/env python3
 """What the poller costs: CPU per reading, peak memory, CPU at a typical load, start-up imports (issue 8).
 
-Run:  .venv/bin/python bench/bench_cost.py [--seconds 20] [--minute 60] [--quick]
+Run:  .venv/bin/python bench/bench_cost.py [--seconds 60] [--quick]
 
-Everything measured is the real ``dcmon run`` process (``python -m dcmon.cli run``), reading its CPU time
-from /proc (all its threads: bus loops, sender, main loop) and its peak RSS (VmHWM). The meters are
-dcmon.simulator ptys in a child process and the database a real influxd on 127.0.0.1 (tests/servers.py), so neither's
-CPU counts. Readings are counted where they end up: in influxd.
-"prototype recv" is the same command with bench_bus's expected-length receive patched into dcmon.bus.Bus
-(the change proposed for bus.py), measured beside the shipped one.
+Everything measured is a real ``dcmon run`` process (``python -m dcmon.cli run``): its CPU time from /proc
+(all its threads: bus loops, sender, main loop) and its peak RSS (VmHWM). The meters are dcmon.simulator
+ptys in a child process and the database a real influxd on 127.0.0.1 (tests/servers.py), so neither's CPU
+counts. Readings are counted where they end up: in influxd.
 
-- cost per reading: 32 meters on 4 buses, zero-latency simulators, ``interval_s = 0`` (as fast as the
-  buses go), everything else as shipped: CPU seconds / readings that reached influxd, over ``--seconds``;
-- peak RSS of that run (32 meters);
-- typical load: 8 meters × 1 Hz on one bus with the wire timing of 9600 8N2 and a 10 ms meter
-  turnaround (stricter than zero latency: pymodbus polls the port while it waits), over ``--minute``;
-- start-up: wall time of ``import dcmon.cli``, of building its command tree (every ``dcmon`` command pays
-  it) and of the modules ``dcmon run`` adds, each beside ``python -c pass``; the heaviest imports.
+Two workloads, each run by three variants of the poller, all six processes side by side over the same
+``--seconds`` (together they use well under one of the two cores):
+- 32 meters on 4 buses, zero-latency simulators, ``interval_s = 0`` (as fast as the buses go), the rest
+  as shipped: CPU per reading (CPU seconds / readings that reached influxd) and peak RSS;
+- 8 meters × 1 Hz on one bus with the wire timing of 9600 8N2 and a 10 ms meter turnaround (stricter than
+  zero latency: pymodbus polls the port while it waits): CPU as % of one core.
+Variants: ``shipped``; ``recv``: bench_bus's expected-length receive patched into dcmon.bus.Bus (the change
+proposed for bus.py); ``recv+batch``: also no immediate send on every spooled cycle (``Sender.poke`` does
+nothing, so the sender sends on its 5 s tick: one HTTP request per 5 s instead of one per bus cycle).
+
+Start-up: wall time of ``import dcmon.cli``, of building its command tree (every ``dcmon`` command pays it)
+and of everything ``dcmon run`` imports, each beyond ``python -c pass``; where that time goes.
 
 Prints ``RATIO …`` lines with PASS/MISS; exits 0 once it could measure (a benchmark reports, it does not
 fail CI), 1 with one line if it could not run (no influxd, simulator would not start).
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import json
 import os
 import re
 import signal
@@ -98,7 +102,7 @@ def heaviest_imports(code: str, top: int = 6) -> list[tuple[str, float]]:
 
 
 def startup_report(*, quick: bool) -> str:
-    repeats = 1 if quick else 5
+    repeats = 1 if quick else 3
     base = wall("pass", repeats)
     run_all = wall(RUN_IMPORTS, repeats)
     if quick:
@@ -106,9 +110,13 @@ def startup_report(*, quick: bool) -> str:
                 f"imports {(run_all - base) * 1000:.0f} ms")
     cli = wall("import dcmon.cli", repeats)
     tree = wall("import dcmon.cli as c; c.build_parser()", repeats)
+    rss = subprocess.run([sys.executable, "-c", RUN_IMPORTS + "; import resource; "
+                          "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"],
+                         capture_output=True, text=True, check=True).stdout.split()[-1]
     return (f"start-up, best of {repeats} (wall, beyond `python -c pass` = {base * 1000:.0f} ms): import dcmon.cli "
             f"{(cli - base) * 1000:.0f} ms; its command tree (every dcmon command) {(tree - base) * 1000:.0f} ms; "
-            f"everything `dcmon run` imports {(run_all - base) * 1000:.0f} ms\n"
+            f"everything `dcmon run` imports {(run_all - base) * 1000:.0f} ms, after which RSS is "
+            f"{int(rss) / 1024:.1f} MB\n"
             "  where (self time by package, -X importtime): "
             + ", ".join(f"{k} {v:.0f} ms" for k, v in heaviest_imports(RUN_IMPORTS)))
 
@@ -140,35 +148,52 @@ def write_config(tmp: Path, name: str, paths: list[str], meters: int, interval: 
     return p
 
 
-class PollerProcess:
-    """One ``dcmon run`` process; ``prototype``: with bench_bus's expected-length receive patched into Bus."""
+# The variants, side by side: the shipped command, and the same command with prototypes patched in first.
+VARIANTS: dict[str, str] = {
+    "shipped": "",
+    "recv": "import bench_bus; bench_bus.patch_bus_class()",
+    "recv+batch": ("import bench_bus; bench_bus.patch_bus_class(); import dcmon.sender; "
+                   "dcmon.sender.Sender.poke = lambda self: None"),
+}
 
-    def __init__(self, cfg: Path, prefix: str, tmp: Path, *, prototype: bool) -> None:
+
+class PollerProcess:
+    """One ``dcmon run`` process, as shipped or with a variant's patches applied before dcmon.cli runs."""
+
+    def __init__(self, cfg: Path, prefix: str, tmp: Path, *, patches: str = "") -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DCMON_")}
         env["DCMON_STATUS_PATH"] = str(tmp / f"{prefix}.status.json")
         args = ["run", "--config", str(cfg), "--no-print", "--log-level", "warning"]
-        if prototype:
-            boot = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_bus; "
-                    f"bench_bus.patch_bus_class(); import dcmon.cli; dcmon.cli.run_main()")
+        if patches:
+            boot = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); {patches}; "
+                    f"import dcmon.cli; dcmon.cli.run_main()")
             cmd = [sys.executable, "-c", boot, *args]
         else:
             cmd = [sys.executable, "-m", "dcmon.cli", *args]
         self.prefix = prefix
+        self.status_path = Path(env["DCMON_STATUS_PATH"])
         self.log_path = tmp / f"{prefix}.log"
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-        self.where = f"""WHERE "sensor" =~ /^{prefix}_/"""
 
-    def count(self, influx: Influxd) -> int:
-        return influx.count("dc_power", where=self.where)
+    def readings_taken(self, influx: Influxd, start_ns: int, end_ns: int) -> int:
+        """Its readings in influxd whose time (taken when the meter answered) is in [start, end)."""
+        return influx.count("dc_power", where=f"""WHERE "sensor" =~ /^{self.prefix}_/ """
+                                                f"AND time >= {start_ns} AND time < {end_ns}")
 
-    def wait_ready(self, influx: Influxd, timeout_s: float = 30.0) -> None:
-        """Until its first readings are in influxd (start-up is not what is measured)."""
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        """Until its status file shows a good poll (start-up is not what is measured)."""
         deadline = time.monotonic() + timeout_s
-        while self.count(influx) == 0:
+        while True:
+            try:
+                sensors = json.loads(self.status_path.read_text()).get("sensors", {})
+                if sum(s.get("polls_ok", 0) for s in sensors.values()) > 0:
+                    return
+            except (OSError, ValueError):
+                pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 tail = self.log_path.read_text(errors="replace").strip().splitlines()
-                raise SystemExit(f"bench: `dcmon run` wrote nothing to influxd: {tail[-1] if tail else 'no output'}")
+                raise SystemExit(f"bench: `dcmon run` did not start polling: {tail[-1] if tail else 'no output'}")
             time.sleep(0.1)
 
     def stop(self) -> int:
@@ -201,34 +226,35 @@ class Run:
 
 
 def measure(pollers: list[PollerProcess], influx: Influxd, seconds: float, settle_s: float = 1.0) -> list[Run]:
-    """Measure running pollers side by side over the same ``seconds``, then stop them."""
+    """Measure running pollers side by side over the same window, stop them (SIGTERM: they flush), then
+    count in influxd the readings each took within the window: a variant that sends late still counts
+    all of its readings, and one that lost any is seen to."""
     try:
         for p in pollers:
-            p.wait_ready(influx)
+            p.wait_ready()
         time.sleep(settle_s)                 # past start-up: imports, spool open, first connections
-        first = [(cpu_seconds(p.proc.pid), p.count(influx), time.monotonic()) for p in pollers]
+        start_ns, t0 = time.time_ns(), time.monotonic()
+        cpu0 = [cpu_seconds(p.proc.pid) for p in pollers]
         time.sleep(seconds)
-        last = [(cpu_seconds(p.proc.pid), p.count(influx), time.monotonic()) for p in pollers]
+        end_ns, t1 = time.time_ns(), time.monotonic()
+        cpu1 = [cpu_seconds(p.proc.pid) for p in pollers]
         rss = [peak_rss_mb(p.proc.pid) for p in pollers]
     finally:
         statuses = [p.stop() for p in pollers]
-    return [Run(n1 - n0, t1 - t0, c1 - c0, r, st)
-            for (c0, n0, t0), (c1, n1, t1), r, st in zip(first, last, rss, statuses)]
+    return [Run(p.readings_taken(influx, start_ns, end_ns), t1 - t0, c1 - c0, r, st)
+            for p, c0, c1, r, st in zip(pollers, cpu0, cpu1, rss, statuses)]
 
 
 # ----------------------------------------------------------------------------------------- main
 
-VARIANTS = ("shipped", "prototype recv")
-
-
 def main(argv: list[str] | None = None) -> int:
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[attr-defined]
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seconds", type=float, default=15.0, help="measuring time of each 32-meter run (default 15)")
-    ap.add_argument("--minute", type=float, default=60.0, help="measuring time of the 8 meters × 1 Hz runs (default 60)")
-    ap.add_argument("--quick", action="store_true", help="all pollers at once for 1 s, one import timing (smoke test)")
+    ap.add_argument("--seconds", type=float, default=60.0, help="measuring time (default 60)")
+    ap.add_argument("--quick", action="store_true", help="1 s, one import timing (smoke test)")
     args = ap.parse_args(argv)
-    seconds, minute = (1.0, 1.0) if args.quick else (args.seconds, args.minute)
+    seconds = 1.0 if args.quick else args.seconds
+    names = list(VARIANTS)
 
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the start")
     with tempfile.TemporaryDirectory(prefix="dcmon-bench-") as tmpdir, contextlib.ExitStack() as stack:
@@ -244,34 +270,29 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         stack.callback(influx.stop)
         influx.create_db("dcmon")
-        fast = stack.enter_context(simulators(8, list(range(1, 9)), timing=False))   # 4 buses a variant
-        wired = stack.enter_context(simulators(2, list(range(1, 9)), timing=True, turnaround_s=0.010))
-
-        def cost_poller(i: int) -> PollerProcess:
-            cfg = write_config(tmp, f"cost{i}", fast[4 * i:4 * i + 4], 8, 0.0, influx.url)
-            return PollerProcess(cfg, f"cost{i}", tmp, prototype=i == 1)
-
-        def idle_poller(i: int) -> PollerProcess:
-            cfg = write_config(tmp, f"idle{i}", wired[i:i + 1], 8, 1.0, influx.url)
-            return PollerProcess(cfg, f"idle{i}", tmp, prototype=i == 1)
-
-        if args.quick:   # all at once: the smoke test checks that it runs, not the numbers
+        fast = stack.enter_context(simulators(4 * len(names), list(range(1, 9)), timing=False))
+        wired = stack.enter_context(simulators(len(names), list(range(1, 9)), timing=True, turnaround_s=0.010))
+        if args.quick:
             print(imports.result())
-            cost0, cost1, idle0, idle1 = measure([cost_poller(0), cost_poller(1), idle_poller(0), idle_poller(1)],
-                                                 influx, seconds, settle_s=0.2)
-            cost, idle = [cost0, cost1], [idle0, idle1]
-        else:            # the 32-meter runs one after the other (each keeps a core busy), the 1 Hz ones together
-            cost = measure([cost_poller(0)], influx, seconds) + measure([cost_poller(1)], influx, seconds)
-            idle = measure([idle_poller(0), idle_poller(1)], influx, minute)
+        pollers = []
+        for i, name in enumerate(names):
+            cfg = write_config(tmp, f"cost{i}", fast[4 * i:4 * i + 4], 8, 0.0, influx.url)
+            pollers.append(PollerProcess(cfg, f"cost{i}", tmp, patches=VARIANTS[name]))
+        for i, name in enumerate(names):
+            cfg = write_config(tmp, f"idle{i}", wired[i:i + 1], 8, 1.0, influx.url)
+            pollers.append(PollerProcess(cfg, f"idle{i}", tmp, patches=VARIANTS[name]))
+        runs = measure(pollers, influx, seconds, settle_s=0.2 if args.quick else 2.0)
+        cost, idle = runs[:len(names)], runs[len(names):]
 
-    print(f"\n{'':44}{VARIANTS[0]:>16}{VARIANTS[1]:>16}")
+    print(f"\n{'all ' + str(len(pollers)) + ' pollers side by side, ' + format(seconds, 'g') + ' s':<46}"
+          + "".join(f"{n:>13}" for n in names))
     rows = [
         ("32 meters, 4 buses, zero latency, interval 0", None),
         ("  readings into influxd a second", [f"{r.readings / r.seconds:.0f}" for r in cost]),
-        ("  poller CPU, % of one core", [f"{r.cpu_pct:.0f}" for r in cost]),
+        ("  poller CPU, % of one core", [f"{r.cpu_pct:.1f}" for r in cost]),
         ("  poller CPU a reading, ms", [f"{r.cpu_ms_per_reading:.3f}" for r in cost]),
         ("  peak RSS, MB", [f"{r.rss_mb:.1f}" for r in cost]),
-        (f"8 meters × 1 Hz, 9600 8N2 timing, {minute:g} s", None),
+        ("8 meters × 1 Hz, 9600 8N2 timing", None),
         ("  readings into influxd a second", [f"{r.readings / r.seconds:.2f}" for r in idle]),
         ("  poller CPU, % of one core", [f"{r.cpu_pct:.2f}" for r in idle]),
         ("  poller CPU a reading, ms", [f"{r.cpu_ms_per_reading:.3f}" for r in idle]),
@@ -279,15 +300,14 @@ def main(argv: list[str] | None = None) -> int:
         ("exit status after SIGTERM", [f"{a.exit_status}/{b.exit_status}" for a, b in zip(cost, idle)]),
     ]
     for label, cells in rows:
-        print(f"{label:<44}" + "".join(f"{c:>16}" for c in cells or []))
+        print(f"{label:<46}" + "".join(f"{c:>13}" for c in cells or []))
     print()
-    for i, variant in enumerate(VARIANTS):
-        c, d = cost[i], idle[i]
-        print(f"RATIO CPU per reading, {variant} (poll, decode, spool, encode, send): {c.cpu_ms_per_reading:.3f} ms "
+    for name, c, d in zip(names, cost, idle):
+        print(f"RATIO CPU per reading, {name} (poll, decode, spool, encode, send): {c.cpu_ms_per_reading:.3f} ms "
               f"(target ≤ {TARGET_CPU_MS:g} ms) {verdict(c.cpu_ms_per_reading <= TARGET_CPU_MS)}")
-        print(f"RATIO peak RSS with 32 meters, {variant}: {c.rss_mb:.1f} MB (target ≤ {TARGET_RSS_MB:g} MB) "
+        print(f"RATIO peak RSS with 32 meters, {name}: {c.rss_mb:.1f} MB (target ≤ {TARGET_RSS_MB:g} MB) "
               f"{verdict(c.rss_mb <= TARGET_RSS_MB)}")
-        print(f"RATIO CPU at 8 meters × 1 Hz, {variant}: {d.cpu_pct:.2f} % of one core over {d.seconds:.0f} s "
+        print(f"RATIO CPU at 8 meters × 1 Hz, {name}: {d.cpu_pct:.2f} % of one core over {d.seconds:.0f} s "
               f"(target ≤ {TARGET_IDLE_PCT:g} %) {verdict(d.cpu_pct <= TARGET_IDLE_PCT)}")
     return 0
 
