@@ -95,14 +95,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:
-        print(f"dcmon: configuration error: {e}", file=sys.stderr)
+        say_error(f"dcmon: configuration error: {e}")
         return 2
     except DcmonError as e:
-        print(f"dcmon: error: {e}", file=sys.stderr)
+        say_error(f"dcmon: error: {e}")
         return 1
     except KeyboardInterrupt:
         print("dcmon: interrupted", file=sys.stderr)
         return 130
+
+
+def say_error(text: str) -> None:
+    """One line on stderr; under systemd with the error priority, so `journalctl -p err` shows it."""
+    from .systemd import under_journal
+
+    print(("<3>" if under_journal() else "") + text, file=sys.stderr)
 
 
 def run_main() -> None:

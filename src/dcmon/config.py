@@ -134,7 +134,7 @@ class InfluxConfig(_Strict):
     measurement: str = Field("dc_power", min_length=1)
     measurement_ac: str = Field("ac_power", min_length=1)
     health_measurement: str = Field("dcmon_health", min_length=1)
-    timeout_s: float = Field(10.0, gt=0, le=300)
+    timeout_s: float = Field(10.0, gt=0, le=30)  # ≤ 30 s: a hung write must not outlast the systemd watchdog
     verify_tls: bool = True
     ca_file: str = ""
 

@@ -37,6 +37,7 @@ from .errors import BusError, DcmonError, DeviceError, PortNotFound
 from .meter import read_values, set_shunt
 from .models import FieldValue, Model
 from .reading import Reading, encode_line
+from .systemd import Watchdog
 
 log = logging.getLogger("dcmon.poller")
 
@@ -84,7 +85,8 @@ class Poller:
 
     def __init__(self, cfg: Config, *, put: Callable[[list[str]], None], buses: dict[str, Bus] | None = None,
                  on_reading: Callable[[Reading], None] | None = None, settle_on_start: bool = False,
-                 retrying: bool = True, hint_simulate: bool = False) -> None:
+                 retrying: bool = True, hint_simulate: bool = False,
+                 progress: Callable[[str], None] | None = None) -> None:
         self.cfg = cfg
         self.put = put
         self.on_reading = on_reading
@@ -101,6 +103,7 @@ class Poller:
         self._settle_on_start = settle_on_start
         self._retrying = retrying
         self._hint_simulate = hint_simulate
+        self._progress = progress  # called after each meter: a bus of dead meters is slow, not hung
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------------------ one cycle
@@ -117,6 +120,8 @@ class Poller:
             r = self._poll_sensor(bus, self.states[s.name])
             if r is not None:
                 readings.append(r)
+            if self._progress:
+                self._progress(f"poll:{bus_name}")
         if readings:
             self.put([r.to_line() for r in readings])
             if self.on_reading:
@@ -283,6 +288,9 @@ def status_path(cfg: Config) -> Path:
         return Path(os.environ["DCMON_STATUS_PATH"])
     if os.environ.get("RUNTIME_DIRECTORY"):
         return Path(os.environ["RUNTIME_DIRECTORY"].split(":")[0]) / "status.json"
+    service = Path("/run/dcmon/status.json")   # the installed service's RuntimeDirectory, for `dcmon status`
+    if service.exists():
+        return service
     return cfg.resolve(cfg.spool.path).with_name("status.json")
 
 
@@ -339,8 +347,10 @@ def run(cfg: Config, *, simulate: bool = False, once: bool = False, echo: bool =
     def show(r: Reading) -> None:
         print(format_reading(r), flush=True)
 
+    watchdog = Watchdog.from_env(loops=[f"poll:{name}" for name, b in cfg.buses.items() if cfg.enabled_sensors(name)]
+                                 + ["send"])
     poller = Poller(cfg, put=put, on_reading=show if (echo or once) else None, retrying=not once,
-                    hint_simulate=hint_simulate)
+                    hint_simulate=hint_simulate, progress=watchdog.progress)
     if not poller.states:
         log.warning("no enabled sensors in %s: nothing to poll", cfg.source)
     if not sink:
@@ -348,7 +358,7 @@ def run(cfg: Config, *, simulate: bool = False, once: bool = False, echo: bool =
     try:
         if once:
             return _run_once(cfg, poller, sender, spool)
-        return _run_forever(cfg, poller, sender, spool, stop)
+        return _run_forever(cfg, poller, sender, spool, stop, watchdog)
     finally:
         poller.close()
         spool.close()
@@ -374,10 +384,8 @@ def _run_once(cfg: Config, poller: Poller, sender: object, spool: object) -> int
     return 1 if failed or not poller.states else 0
 
 
-def _run_forever(cfg: Config, poller: Poller, sender: object, spool: object, stop: threading.Event) -> int:
-    from .systemd import Watchdog
-
-    watchdog = Watchdog.from_env(loops=[f"poll:{name}" for name in poller.buses] + ["send"])
+def _run_forever(cfg: Config, poller: Poller, sender: object, spool: object, stop: threading.Event,
+                 watchdog: Watchdog) -> int:
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("%s received: finishing the current cycle and flushing", signal.Signals(signum).name)
