@@ -80,7 +80,7 @@ def post_direct(url: str, db: str, lines: list[str]) -> float:
 
 
 def drain_spool(url: str, db: str, spool: Spool) -> float:
-    sink = InfluxSink(InfluxConfig(url=url, database=db, timeout_s=60))
+    sink = InfluxSink(InfluxConfig(url=url, database=db, timeout_s=30))
     sender = Sender(spool, sink, batch_lines=BATCH)
     t = time.perf_counter()
     ok = sender.flush(timeout_s=3600)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import threading
@@ -280,3 +281,35 @@ def test_deferred_ack_rides_on_next_put(tmp_path):
     sp.ack([rid for rid, _ in sp.peek(100)], defer=True)
     sp.close()  # close commits deferred acks
     assert on_disk() == []
+
+
+def test_spool_command(tmp_path, capsys):
+    """`dcmon spool` status / export / quarantine on a real spool file named by a real config file."""
+    from dcmon.cli import main
+
+    cfg = tmp_path / "config.toml"
+    cfg.write_text('[spool]\npath = "var/spool.sqlite"\n')
+    assert main(["--config", str(cfg), "spool"]) == 0
+    assert "no spool yet" in capsys.readouterr().err
+    sp = Spool.open(tmp_path / "var" / "spool.sqlite", max_bytes=64 * MiB, max_age_s=86400)
+    batch = lines(4)
+    sp.put(batch)
+    sp.quarantine([sp.peek(1)[0][0]], "InfluxDB at x rejected the data (400): bad")
+    sp.set_last_error("InfluxDB at http://127.0.0.1:8086: connection refused (is InfluxDB running?)")
+    sp.close()
+
+    assert main(["--config", str(cfg), "spool", "status"]) == 0
+    out = capsys.readouterr().out
+    assert "queued       3 reading(s)" in out and "quarantined  1" in out and "connection refused" in out
+    assert main(["--config", str(cfg), "spool", "export", "-o", str(tmp_path / "q.lp")]) == 0
+    assert (tmp_path / "q.lp").read_text().splitlines() == batch[1:]
+    assert main(["--config", str(cfg), "spool", "export", "--quarantine"]) == 0
+    assert capsys.readouterr().out.splitlines() == batch[:1]
+    assert main(["--config", str(cfg), "spool", "quarantine", "list"]) == 0
+    assert "rejected the data (400)" in capsys.readouterr().out
+    assert main(["--config", str(cfg), "spool", "quarantine", "clear"]) == 2  # needs --yes
+    assert "export --quarantine" in capsys.readouterr().err
+    assert main(["--config", str(cfg), "spool", "quarantine", "retry"]) == 0
+    assert main(["--config", str(cfg), "spool", "status", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert data["depth"] == 4 and data["quarantined"] == 0

@@ -19,6 +19,7 @@ import logging
 import re
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from .errors import SinkAuth, SinkError, SinkPermanent, SinkRetryable, SinkTooLarge
 from .influx import InfluxSink
@@ -57,6 +58,8 @@ class Sender:
         self._draining = False      # a backlog is being sent after an outage
         self._drain_sent = 0
         self._where = sink.where if sink is not None else "InfluxDB"
+        self._prefetched: list[tuple[int, str]] | None = None
+        self._pool: ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------------------------ public
 
@@ -153,17 +156,32 @@ class Sender:
         batch could not be delivered (it stays queued)."""
         with self._send_lock:
             self._wake.clear()
-            rows = self.spool.peek(self.batch_lines)
+            rows, self._prefetched = self._prefetched or self.spool.peek(self.batch_lines), None
             if not rows:
                 self._finish_drain()
                 return False
-            self._send_rows(rows)
-            self._succeeded(len(rows))
             full = len(rows) >= self.batch_lines
+            ahead: Future[list[tuple[int, str]]] | None = None
+            if full:  # a backlog: read the next batch (and commit the acks so far) while this one is in flight
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-prefetch")
+                ahead = self._pool.submit(self._read_ahead, rows[-1][0])
+            try:
+                self._send_rows(rows)
+            finally:
+                nxt = _result(ahead)
+            self._succeeded(len(rows))
+            go_on = full and not (stop is not None and stop.is_set()) and \
+                (deadline is None or time.monotonic() < deadline)
+            if go_on:
+                self._prefetched = nxt
             if not full:
                 self._finish_drain()
-            return full and not (stop is not None and stop.is_set()) and \
-                (deadline is None or time.monotonic() < deadline)
+            return go_on
+
+    def _read_ahead(self, after: int) -> list[tuple[int, str]]:
+        self.spool.flush_acks()
+        return self.spool.peek(self.batch_lines, after=after)
 
     def _send_rows(self, rows: list[tuple[int, str]]) -> None:
         """Deliver rows, acking what the server took and quarantining what it refused for good. Parts are
@@ -271,3 +289,13 @@ class Sender:
             queued = f"{depth} queued" if depth >= 0 else "spool unreadable"
             how = "keeping readings in the spool" if isinstance(e, SinkError) else "will retry"
             (log.error if isinstance(e, SinkAuth) else log.warning)("%s; %s (%s)", text, how, queued)
+
+
+def _result(fut: Future[list[tuple[int, str]]] | None) -> list[tuple[int, str]] | None:
+    """The read-ahead's rows, or None (then the next round simply reads them itself)."""
+    if fut is None:
+        return None
+    try:
+        return fut.result() or None
+    except Exception:  # noqa: BLE001 - an optimisation only: a failing spool shows up on the next peek
+        return None

@@ -254,9 +254,7 @@ class Spool:
             if self._db is not None:
                 with contextlib.suppress(sqlite3.Error, SpoolError):
                     self.flush_acks()
-                with contextlib.suppress(sqlite3.Error):
-                    self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-                self._db.close()
+                self._db.close()  # the last connection to close checkpoints the WAL into the file
                 self._db = None
 
     def __enter__(self) -> Spool:
@@ -411,12 +409,13 @@ class Spool:
         """Rows up to this id are acked (deletion deferred): peek and stats skip them."""
         return max(self._pending) if self._pending else -1
 
-    def peek(self, limit: int) -> list[tuple[int, str]]:
-        """Up to ``limit`` of the oldest queued lines, as (id, line). Nothing is removed until ``ack``."""
+    def peek(self, limit: int, *, after: int = -1) -> list[tuple[int, str]]:
+        """Up to ``limit`` of the oldest queued lines (with an id above ``after``), as (id, line). Nothing is
+        removed until ``ack``."""
         def q(db: sqlite3.Connection) -> list[tuple[int, str]]:
             rows = db.execute("SELECT id, line FROM queue WHERE id > ? ORDER BY id LIMIT ?",
-                              (self._floor(), limit)).fetchall()
-            if len(rows) < limit:  # the whole queue was read: resynchronise the counter
+                              (max(after, self._floor()), limit)).fetchall()
+            if len(rows) < limit and after < 0:  # the whole queue was read: resynchronise the counter
                 self._depth = len(rows) + len(self._pending)
             return rows
         return self._call(q)
