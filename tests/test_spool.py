@@ -313,3 +313,19 @@ def test_spool_command(tmp_path, capsys):
     assert main(["--config", str(cfg), "spool", "status", "--json"]) == 0
     data = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert data["depth"] == 4 and data["quarantined"] == 0
+
+
+def test_nearly_full_disk_stops_growth(tmp_path, caplog):
+    """The real free space of the test's disk, with the reserve set so that only ~2 MiB are left: the
+    spool stops growing there and drops the oldest, instead of filling the disk."""
+    import shutil
+
+    free = shutil.disk_usage(tmp_path).free
+    caplog.set_level(logging.WARNING, logger="dcmon.spool")
+    sp = open_spool(tmp_path, max_bytes=1 << 40, disk_reserve=free - 2 * MiB)
+    for i in range(1500):  # ~4 MiB of lines
+        sp.put(lines(8, start=i * 8, t0=T0, pad=250))
+    st = sp.stats()
+    assert st.dropped_total > 0 and st.bytes <= 3 * MiB
+    assert any("disk nearly full" in r.getMessage() for r in caplog.records)
+    sp.close()

@@ -109,13 +109,14 @@ class Spool:
     (no network inside), so the poller's ``put`` never waits long on the sender."""
 
     def __init__(self, path: Path, *, max_bytes: int, max_age_s: float, durability: str,
-                 repair: bool) -> None:
+                 repair: bool, disk_reserve: int = DISK_RESERVE) -> None:
         if durability not in ("process", "power"):
             raise ValueError(f"durability must be 'process' or 'power', not {durability!r}")
         self.path = Path(path)
         self.max_bytes = int(max_bytes)
         self.max_age_s = float(max_age_s)
         self.durability = durability
+        self.disk_reserve = disk_reserve
         self._repair = repair
         self._lock = threading.RLock()
         self._db: sqlite3.Connection | None = None
@@ -135,11 +136,12 @@ class Spool:
 
     @classmethod
     def open(cls, path: Path, *, max_bytes: int, max_age_s: float, durability: str = "process",
-             repair: bool = True, create: bool = True) -> Spool:
+             repair: bool = True, create: bool = True, disk_reserve: int = DISK_RESERVE) -> Spool:
         """Open (or create) the spool. ``repair``: move a corrupt or unreadable file aside and start anew
         (the daemon); without it (the ``dcmon spool`` command) such a file raises SpoolError instead.
         ``create=False`` raises FileNotFoundError when there is no spool file yet."""
-        self = cls(path, max_bytes=max_bytes, max_age_s=max_age_s, durability=durability, repair=repair)
+        self = cls(path, max_bytes=max_bytes, max_age_s=max_age_s, durability=durability, repair=repair,
+                   disk_reserve=disk_reserve)
         if not create and not self.path.exists():
             raise FileNotFoundError(str(self.path))
         with self._lock:
@@ -326,13 +328,16 @@ class Spool:
         self._log_drops(now_m)
 
     def _disk_limit(self, db: sqlite3.Connection) -> int | None:
-        """The cap the free disk space allows: what we use + what is free − the reserve."""
+        """The cap the free disk space allows: the file as it is (its free pages are reused without growing
+        it) plus what the disk has beyond the reserve. None when that is above max_bytes anyway."""
         try:
             free = shutil.disk_usage(self.path.parent).free
         except OSError:
             return None
-        limit = _used_bytes(db) + free - DISK_RESERVE
-        return max(limit, 0) if limit < self.max_bytes else None
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        file_size = db.execute("PRAGMA page_count").fetchone()[0] * page_size
+        limit = file_size + max(0, free - self.disk_reserve)
+        return limit if limit < self.max_bytes else None
 
     def _drop_expired(self, db: sqlite3.Connection) -> None:
         """Drop from the front while lines are older than max_age (arrival order ≈ time order)."""
