@@ -249,6 +249,8 @@ def measure(pollers: list[PollerProcess], influx: Influxd, seconds: float, settl
 
 def main(argv: list[str] | None = None) -> int:
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[attr-defined]
+    # SIGTERM unwinds like Ctrl-C, so influxd (its own session) and the pollers are stopped on the way out
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=60.0, help="measuring time (default 60)")
     ap.add_argument("--quick", action="store_true", help="1 s, one import timing (smoke test)")

@@ -35,8 +35,12 @@ def _run(names: list[str]) -> dict[str, subprocess.CompletedProcess]:
         try:
             out, err = p.communicate(timeout=60)
         except subprocess.TimeoutExpired:
-            p.kill()
-            out, err = p.communicate()
+            p.terminate()                    # bench_cost then stops its influxd and pollers
+            try:
+                out, err = p.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                out, err = p.communicate()
             err += f"\n{n} --quick took more than 60 s"
         done[n] = subprocess.CompletedProcess(p.args, p.returncode, out, err)
     return done
