@@ -36,7 +36,7 @@ from .config import Config, SensorConfig, load
 from .errors import BusError, DcmonError, DeviceError, PortNotFound
 from .meter import read_values, set_shunt
 from .models import FieldValue, Model
-from .reading import Reading, encode_line
+from .reading import Reading, encode_head, encode_line
 from .systemd import Watchdog
 
 log = logging.getLogger("dcmon.poller")
@@ -104,6 +104,7 @@ class Poller:
         self._retrying = retrying
         self._hint_simulate = hint_simulate
         self._progress = progress  # called after each meter: a bus of dead meters is slow, not hung
+        self._heads: dict[str, tuple[str, dict[str, str], str]] = {}
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------------------ one cycle
@@ -192,10 +193,18 @@ class Poller:
             fields[k] = v if isinstance(v, bool) else float(v)
         fields["calibrated"] = not s.calibration.is_identity
         fields["energy_reset"] = energy_reset
-        tags = {"sensor": s.name, "model": s.model, "address": str(s.address), "bus": s.bus, "host": self.host, **s.tags}
-        ix = self.cfg.influxdb
-        measurement = ix.measurement if s.meter.kind == "dc" else ix.measurement_ac
-        return Reading(measurement=measurement, time_ns=time_ns, tags=tags, fields=fields, sensor=s.name)
+        measurement, tags, head = self._series(s)
+        return Reading(measurement=measurement, time_ns=time_ns, tags=tags, fields=fields, sensor=s.name, head=head)
+
+    def _series(self, s: SensorConfig) -> tuple[str, dict[str, str], str]:
+        """Measurement, tags and their encoded line-protocol head: fixed per sensor, so made once."""
+        got = self._heads.get(s.name)
+        if got is None:
+            tags = {"sensor": s.name, "model": s.model, "address": str(s.address), "bus": s.bus, "host": self.host, **s.tags}
+            ix = self.cfg.influxdb
+            measurement = ix.measurement if s.meter.kind == "dc" else ix.measurement_ac
+            got = self._heads[s.name] = (measurement, tags, encode_head(measurement, tags))
+        return got
 
     def _apply_shunt(self, bus: Bus, st: SensorState, who: str) -> None:
         s = st.cfg

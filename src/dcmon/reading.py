@@ -10,7 +10,8 @@ refuses a point whose field type differs from the one already stored in that sha
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 
 FieldScalar = float | int | bool | str
 
@@ -29,10 +30,11 @@ class Reading:
     tags: dict[str, str]
     fields: dict[str, FieldScalar]
     sensor: str = ""                     # the configured name (also in tags), for logs and health
-    flags: frozenset[str] = field(default_factory=frozenset)  # e.g. {"energy_reset", "calibrated"}
+    head: str = ""                       # encode_head(measurement, tags), when the poller made it once already
 
     def to_line(self) -> str:
-        return encode_line(self.measurement, self.tags, self.fields, self.time_ns)
+        head = self.head or encode_head(self.measurement, self.tags)
+        return f"{head} {encode_fields(self.fields)} {int(self.time_ns)}"
 
 
 def escape_measurement(s: str) -> str:
@@ -43,29 +45,48 @@ def escape_key(s: str) -> str:
     return s.translate(_KEY_ESC)
 
 
+def _needs_escape(s: str) -> bool:
+    return "," in s or "=" in s or " " in s or "\n" in s
+
+
 def format_field(v: FieldScalar) -> str:
-    # bool before int: bool is a subclass of int
+    t = type(v)  # exact types first: floats are most of what the poller writes
+    if t is float:
+        if math.isfinite(v):  # type: ignore[arg-type]
+            return repr(v)
+        raise ValueError("NaN and infinity cannot be written to InfluxDB")
+    if t is bool:
+        return "true" if v else "false"
+    if t is int:
+        return f"{v}i"
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, int):
-        return f"{v}i"
+        return f"{int(v)}i"
     if isinstance(v, float):
-        if v != v or v in (float("inf"), float("-inf")):
-            raise ValueError("NaN and infinity cannot be written to InfluxDB")
-        return repr(v)
+        return format_field(float(v))
     return '"' + str(v).translate(_STR_ESC) + '"'
 
 
-def encode_line(measurement: str, tags: dict[str, str], fields: dict[str, FieldScalar], time_ns: int) -> str:
-    """One line of line protocol, tags sorted by key (InfluxDB's preferred order). Empty tag values are
-    left out (InfluxDB refuses them); a point needs at least one field."""
-    if not fields:
-        raise ValueError("a point needs at least one field")
+def encode_head(measurement: str, tags: dict[str, str]) -> str:
+    """``measurement,tag=value,...``: tags sorted by key (InfluxDB's preferred order), empty values left out
+    (InfluxDB refuses them). The same for every reading of a sensor, so the poller makes it once."""
     parts = [escape_measurement(measurement)]
     for k in sorted(tags):
-        v = tags[k]
+        v = str(tags[k])
         if v != "":
-            parts.append(f"{escape_key(k)}={escape_key(str(v))}")
-    head = ",".join(parts)
-    body = ",".join(f"{escape_key(k)}={format_field(v)}" for k, v in fields.items())
-    return f"{head} {body} {int(time_ns)}"
+            parts.append(f"{escape_key(k)}={escape_key(v)}")
+    return ",".join(parts)
+
+
+def encode_fields(fields: dict[str, FieldScalar]) -> str:
+    if not fields:
+        raise ValueError("a point needs at least one field")
+    if _needs_escape("".join(fields)):
+        return ",".join([f"{escape_key(k)}={format_field(v)}" for k, v in fields.items()])
+    return ",".join([f"{k}={format_field(v)}" for k, v in fields.items()])
+
+
+def encode_line(measurement: str, tags: dict[str, str], fields: dict[str, FieldScalar], time_ns: int) -> str:
+    """One line of line protocol. A point needs at least one field."""
+    return f"{encode_head(measurement, tags)} {encode_fields(fields)} {int(time_ns)}"

@@ -17,7 +17,8 @@ What it does, like a real meter:
 - optional faults: ``boot_garbage_s`` (wrong values with a valid CRC just after power-up), ``garble``
   (corrupt CRC), ``reject_writes`` (a write is echoed but not stored);
 - optional wire timing: ``timing=True`` delays each reply by the request and reply lengths on a
-  9600-baud 8N2 (or 8N1) line plus ``turnaround_s``, so throughput can be measured against the wire limit.
+  9600-baud 8N2 (or 8N1) line, the 3.5-character silence that ends the request, and ``turnaround_s``, so
+  throughput can be measured against the wire limit.
 """
 
 from __future__ import annotations
@@ -294,7 +295,8 @@ class Simulator:
         else:  # two meters talking at once: the bytes collide on the wire
             out = bytes(a | b for a, b in zip(replies[0], replies[1]))
         if self.timing:
-            due = t_rx + (len(req) + len(out)) * self.char_time_s + self.turnaround_s
+            # request on the wire, the meter's 3.5-character end-of-frame silence, its turnaround, the reply
+            due = t_rx + (len(req) + 3.5 + len(out)) * self.char_time_s + self.turnaround_s
             delay = due - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
