@@ -352,3 +352,24 @@ def test_disabled_sink_keeps_lines(spool):
     t.join(2)
     assert not t.is_alive()
     assert s.flush(0.1) is False and queued(spool) == lines and s.sent_points == 0
+
+
+def test_min_send_interval_groups_cycles(fake, spool):
+    s = sender_for(spool, fake.url, min_send_interval_s=0.4)
+    stop = threading.Event()
+    t = threading.Thread(target=s.run, args=(stop,))
+    t.start()
+    try:
+        lines = make_lines(40)
+        for i in range(0, 40, 4):  # a cycle every 0.1 s, each poked
+            spool.put(lines[i:i + 4])
+            s.poke()
+            time.sleep(0.1)
+        deadline = time.monotonic() + 3
+        while len(fake.stored) < 40 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        t.join(5)
+    assert fake.stored == lines
+    assert 2 <= len(fake.requests) <= 5  # about one send per 0.4 s, not one per poke (10)

@@ -39,12 +39,17 @@ class Sender:
     thread (sends are serialised by a lock)."""
 
     def __init__(self, spool: Spool, sink: InfluxSink | None, *, batch_lines: int = 5000,
-                 min_backoff_s: float = 1.0, max_backoff_s: float = 60.0) -> None:
+                 min_backoff_s: float = 1.0, max_backoff_s: float = 60.0, min_send_interval_s: float = 0.0) -> None:
+        """``min_send_interval_s``: with no backlog, send at most this often (pokes in between only mark
+        work). 0 = on every poke. Fewer HTTP requests (CPU) against more rows waiting in the spool between
+        sends (bench/README.md, Spool, has what each costs in SD-card writes)."""
         self.spool = spool
         self.sink = sink
         self.batch_lines = max(1, int(batch_lines))
         self.min_backoff_s = min_backoff_s
         self.max_backoff_s = max_backoff_s
+        self.min_send_interval_s = max(0.0, min_send_interval_s)
+        self._hold_until = 0.0      # monotonic: min_send_interval_s after the last partial batch
         self.sent_points = 0
         self.send_failures = 0
         self.last_error = ""
@@ -75,16 +80,16 @@ class Sender:
         while not stop.is_set():
             self.last_progress = time.monotonic()
             wait = IDLE_TICK_S
-            if self.sink is not None and time.monotonic() >= self._retry_at:
+            if self.sink is not None and time.monotonic() >= self._not_before():
                 try:
                     if self._drain_some(deadline=None, stop=stop):
                         continue  # more queued: go on at once
                 except Exception as e:  # noqa: BLE001 - the thread must outlive a failing server or disk
                     log.debug("send failed", exc_info=not isinstance(e, SinkError))
                     self._failed(e)
-            if self._retry_at > time.monotonic():
-                wait = self._retry_at - time.monotonic()
-            else:
+            if self._not_before() > time.monotonic():
+                wait = min(wait, self._not_before() - time.monotonic()) if self.sink is not None else wait
+            if self._retry_at <= time.monotonic():
                 self._commit_idle_acks()
             self._sleep(wait, stop)
 
@@ -130,6 +135,9 @@ class Sender:
 
     # ------------------------------------------------------------------------------------ internals
 
+    def _not_before(self) -> float:
+        return max(self._retry_at, self._hold_until)
+
     def _commit_idle_acks(self) -> None:
         try:
             self.spool.flush_acks(older_than_s=ACK_DEFER_S)
@@ -146,10 +154,10 @@ class Sender:
             if left <= 0:
                 return
             if self._wake.wait(min(left, STOP_SLICE_S)):
-                if time.monotonic() >= self._retry_at:
+                if time.monotonic() >= self._not_before():
                     self._wake.clear()
                     return
-                time.sleep(min(STOP_SLICE_S, max(0.0, self._retry_at - time.monotonic())))
+                time.sleep(min(STOP_SLICE_S, max(0.0, self._not_before() - time.monotonic())))
 
     def _drain_some(self, *, deadline: float | None, stop: threading.Event | None) -> bool:
         """Send one batch. True if a full batch went (there may be more). Raises the sink's error when the
@@ -177,6 +185,7 @@ class Sender:
                 self._prefetched = nxt
             if not full:
                 self._finish_drain()
+                self._hold_until = time.monotonic() + self.min_send_interval_s
             return go_on
 
     def _read_ahead(self, after: int) -> list[tuple[int, str]]:
