@@ -57,6 +57,9 @@ def test_environment_beats_files_and_token_file_fills_an_empty_token(tmp_path):
 
 @pytest.mark.parametrize("text, where, key, words", [
     (BASE + "[poller]\ninterval = 3\n", "config.toml", "poller.interval", "did you mean 'interval_s'"),
+    (BASE.replace("port =", "prot ="), "config.toml", "buses.a.prot", "did you mean 'port'"),
+    (BASE.replace("address = 1", "address = 1\n[sensors.calibration]\nvoltage_gian = 1.01"), "config.toml",
+     "sensors[0].calibration.voltage_gian", "did you mean 'voltage_gain'"),
     (BASE + "[poller]\ninterval_s = -1\n", "config.toml", "poller.interval_s", "greater than or equal to 0"),
     (BASE.replace('bus = "a"', 'bus = "b"'), "config.toml", "sensors[0].bus", "no bus named 'b'"),
     (BASE.replace("address = 1", "address = 248"), "config.toml", "sensors[0].address", "less than or equal to 247"),

@@ -21,7 +21,7 @@ import os
 import socket
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -294,30 +294,27 @@ def _loc_text(loc: tuple[Any, ...]) -> str:
     return out
 
 
-def _suggest(loc: tuple[Any, ...]) -> str:
-    """For an unknown key: the closest known key in that table, if any."""
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The model class of the table that ``loc`` points into (following dict keys and list indexes)."""
     model: Any = Config
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        fld = getattr(model, "model_fields", {}).get(part)
+    for part in loc:
+        fld = model.model_fields.get(part) if isinstance(part, str) else None
         if fld is None:
-            if model is Config and part in ("buses",):
-                continue
-            model = BusConfig if part not in getattr(model, "model_fields", {}) and model is Config else model
-            continue
+            continue  # a [buses.NAME] key or a [[sensors]] index: same model as its container's items
         ann = fld.annotation
-        for cand in (PollerConfig, SpoolConfig, InfluxConfig, GrafanaConfig, Calibration):
-            if ann is cand:
-                model = cand
-                break
-        else:
-            model = {"buses": BusConfig, "sensors": SensorConfig}.get(part, model)
-    if loc and loc[0] == "buses" and len(loc) == 3:
-        model = BusConfig
-    names = list(getattr(model, "model_fields", {}))
+        inner = [a for a in (ann, *get_args(ann)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not inner:
+            return None
+        model = inner[-1]
+    return model
+
+
+def _suggest(loc: tuple[Any, ...]) -> str:
+    """For an unknown key: the closest known key of that table."""
+    model = _model_at(loc[:-1])
+    names = [n for n in (model.model_fields if model else {}) if n not in ("source", "base_dir")]
     close = difflib.get_close_matches(str(loc[-1]), names, n=1)
-    return f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(n for n in names if n not in ('source', 'base_dir'))}"
+    return f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(names)}"
 
 
 def load(path: str | os.PathLike[str], *, local: str | os.PathLike[str] | None = None,
@@ -343,7 +340,9 @@ def load(path: str | os.PathLike[str], *, local: str | os.PathLike[str] | None =
     try:
         cfg = Config.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
+        errors = e.errors()
+        # a misspelt key also makes its real key "missing": name the typo, it is the cause
+        err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
         loc = tuple(err["loc"])
         ctx = err.get("ctx") or {}
         cross = ctx.get("error")
