@@ -218,3 +218,37 @@ def test_every_model_end_to_end_into_influxdb(tmp_path, influxd, fresh_db, model
         assert abs(got["power_w"] - got["voltage_v"] * got["current_a"]) < 0.5 and got["power_alarm"] is False
     else:
         assert 12 < got["voltage_v"] < 15 and got["current_a"] <= 10.0
+
+
+def test_running_poller_writes_health_and_publishes_status(tmp_path, influxd, fresh_db, sim, monkeypatch, capsys):
+    """The main job in its long-running mode (in a thread, stopped by its event, as SIGTERM would): readings and
+    its own health reach InfluxDB, and `dcmon status` shows each sensor and the spool."""
+    import threading
+
+    from dcmon.cli import main
+
+    status = tmp_path / "status.json"
+    monkeypatch.setenv("DCMON_STATUS_PATH", str(status))
+    p = write_cfg(tmp_path, url=influxd.url, port=sim.path, db=fresh_db)
+    p.write_text(p.read_text().replace("health_interval_s = 0", "health_interval_s = 1"))
+    sim.meter(2).silent = True
+    stop = threading.Event()
+    th = threading.Thread(target=run, args=(config.load(p, env={}),), kwargs={"stop": stop})
+    th.start()
+    deadline = time.monotonic() + 20
+    while not (status.exists() and influxd.count("dcmon_health", "polls_ok", db=fresh_db) >= 2) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert main(["status", "--config", str(p)]) == 0
+    out = capsys.readouterr().out
+    stop.set()
+    th.join(30)
+    assert not th.is_alive()
+    assert "battery" in out and " up " in out and "solar" in out and "DOWN" in out and "no answer" in out
+    assert "spool:" in out
+    health = influxd.query('SELECT last(polls_ok), last(polls_failed), last(up) FROM dcmon_health GROUP BY sensor', fresh_db)
+    by_sensor = {s["tags"]["sensor"]: s["values"][0][1:] for s in health}
+    assert by_sensor["battery"][0] >= 1 and by_sensor["battery"][2] is True
+    assert by_sensor["solar"][1] >= 1 and by_sensor["solar"][2] is False
+    poller_row = influxd.query('SELECT last(spool_depth), last(sent_points) FROM dcmon_health WHERE sensor = \'_poller\'', fresh_db)
+    assert poller_row and poller_row[0]["values"][0][2] >= 1
+    assert influxd.count("dc_power", db=fresh_db) >= 3
