@@ -1,25 +1,30 @@
 #!/usr/bin/env python3
-"""What the poller costs: CPU per reading, peak memory, CPU at a typical load, start-up imports (issue 8).
+"""What the poller costs: CPU per reading, peak memory, CPU and disk writes at a typical load, start-up (issue 8).
 
 Run:  .venv/bin/python bench/bench_cost.py [--seconds 60] [--quick]
 
-Everything measured is a real ``dcmon run`` process (``python -m dcmon.cli run``): its CPU time from /proc
-(all its threads: bus loops, sender, main loop) and its peak RSS (VmHWM). The meters are dcmon.simulator
-ptys in a child process and the database a real influxd on 127.0.0.1 (tests/servers.py), so neither's CPU
-counts. Readings are counted where they end up: in influxd.
+Everything measured is a real ``dcmon run`` process: its CPU time from /proc (all its threads: bus loops,
+sender, main loop), its peak RSS (VmHWM) and the bytes it caused to be written to disk (``write_bytes`` of
+/proc/<pid>/io: page-cache pages it dirtied, each counted once until the kernel writes it back; a page
+rewritten before writeback reaches the disk once, so this is close to what an SD card sees). The spools live
+on a real disk (under /var/tmp), the status files on tmpfs (as /run/dcmon on the Pi). The meters are
+dcmon.simulator ptys in a child process and the database a real influxd on 127.0.0.1 (tests/servers.py), so
+neither's CPU counts. Readings are counted where they end up: in influxd, by their timestamps.
 
-Two workloads, each run by three variants of the poller, all six processes side by side over the same
-``--seconds`` (together they use well under one of the two cores):
-- 32 meters on 4 buses, zero-latency simulators, ``interval_s = 0`` (as fast as the buses go), the rest
-  as shipped: CPU per reading (CPU seconds / readings that reached influxd) and peak RSS;
-- 8 meters × 1 Hz on one bus with the wire timing of 9600 8N2 and a 10 ms meter turnaround (stricter than
-  zero latency: pymodbus polls the port while it waits): CPU as % of one core.
-Variants: ``shipped``; ``recv``: bench_bus's expected-length receive patched into dcmon.bus.Bus (the change
-proposed for bus.py); ``recv+batch``: also no immediate send on every spooled cycle (``Sender.poke`` does
-nothing, so the sender sends on its 5 s tick: one HTTP request per 5 s instead of one per bus cycle).
+Two workloads, each run with the sender's ``min_send_interval_s`` at 0 (shipped default: a send after every
+spooled bus cycle) and at 5 s (at most one HTTP request per 5 s; the spool then holds more rows between
+sends), all four processes side by side over the same ``--seconds``:
+- 32 meters on 4 buses, zero-latency simulators, ``interval_s = 0`` (as fast as the buses go): CPU per
+  reading (CPU seconds / readings that reached influxd) and peak RSS;
+- 8 meters × 1 Hz on one bus with the wire timing of 9600 8N2 and a 10 ms meter turnaround: CPU as % of one
+  core, and disk bytes per reading (the SD-card cost).
+``min_send_interval_s`` is not in the config file: the 5 s process sets the Sender's default before
+dcmon.cli runs.
 
 Start-up: wall time of ``import dcmon.cli``, of building its command tree (every ``dcmon`` command pays it)
-and of everything ``dcmon run`` imports, each beyond ``python -c pass``; where that time goes.
+and of everything ``dcmon run`` imports, each beyond ``python -c pass``, with a bytecode cache as an
+installed package has (this checkout runs with PYTHONDONTWRITEBYTECODE=1: the tree is also timed without);
+then where the command tree's time goes, import by import.
 
 Prints ``RATIO …`` lines with PASS/MISS; exits 0 once it could measure (a benchmark reports, it does not
 fail CI), 1 with one line if it could not run (no influxd, simulator would not start).
@@ -38,7 +43,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +54,7 @@ from servers import Influxd  # noqa: E402
 
 TARGET_CPU_MS, TARGET_RSS_MB, TARGET_IDLE_PCT = 1.0, 50.0, 1.0
 RUN_IMPORTS = "import dcmon.cli as c; c.build_parser(); import dcmon.spool, dcmon.sender, dcmon.influx, dcmon.systemd"
+SEND_INTERVALS = (0.0, 5.0)           # Sender(min_send_interval_s=...): shipped default, and batched
 
 
 def verdict(ok: bool) -> str:
@@ -70,6 +75,22 @@ def cpu_seconds(pid: int) -> float:
     return total / 1e9
 
 
+def write_bytes(pid: int) -> int:
+    """Bytes the process caused to be written to block devices (pages dirtied; tmpfs and sockets not)."""
+    m = re.search(r"^write_bytes:\s+(\d+)", Path(f"/proc/{pid}/io").read_text(), re.M)
+    return int(m.group(1)) if m else 0
+
+
+def fs_type(path: Path) -> str:
+    """The file system ``path`` is on (the longest mount point that contains it)."""
+    best, kind = "", "?"
+    for row in Path("/proc/mounts").read_text().splitlines():
+        _, mount, fstype, *_ = row.split()
+        if (str(path) + "/").startswith(mount.rstrip("/") + "/") and len(mount) > len(best):
+            best, kind = mount, fstype
+    return kind
+
+
 def peak_rss_mb(pid: int) -> float:
     m = re.search(r"^VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.M)
     return int(m.group(1)) / 1024 if m else float("nan")
@@ -77,48 +98,80 @@ def peak_rss_mb(pid: int) -> float:
 
 # -------------------------------------------------------------------------------------- imports
 
-def wall(code: str, repeats: int) -> float:
+# Imported one after another in a fresh interpreter, each step timed: where `dcmon --help` spends its time
+# (dcmon.cli's command modules import these at their top, so every dcmon command pays all of them).
+STEPS = """
+import importlib, json, time
+out = {}
+def step(label, fn):
+    t = time.perf_counter(); fn(); out[label] = (time.perf_counter() - t) * 1000
+def first_model():
+    from pydantic import BaseModel
+    class X(BaseModel):
+        a: int = 1
+step("pydantic import", lambda: importlib.import_module("pydantic"))
+step("pydantic's first model (its lazy imports)", first_model)
+step("dcmon.models", lambda: importlib.import_module("dcmon.models"))
+step("dcmon.config (its own models)", lambda: importlib.import_module("dcmon.config"))
+step("pymodbus.client (via dcmon.bus)", lambda: importlib.import_module("pymodbus.client"))
+step("httpx (via dcmon.grafana)", lambda: importlib.import_module("httpx"))
+step("tomlkit (via dcmon.calibration)", lambda: importlib.import_module("tomlkit"))
+step("the rest of dcmon + the argparse tree", lambda: importlib.import_module("dcmon.cli").build_parser())
+print(json.dumps(out))
+"""
+
+
+def cached_env(cache: Path) -> dict[str, str]:
+    """Environment with a bytecode cache (as an installed package has: pip compiles .pyc at install time)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPYCACHEPREFIX"] = str(cache)
+    return env
+
+
+def wall(code: str, repeats: int, env: dict[str, str] | None = None) -> float:
     """Best wall time of ``python -c code`` (a fresh interpreter each time, as a start-up is)."""
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
-        subprocess.run([sys.executable, "-c", code], check=True)
+        subprocess.run([sys.executable, "-c", code], check=True, env=env, stdout=subprocess.DEVNULL)
         best = min(best, time.perf_counter() - t)
     return best
 
 
-def heaviest_imports(code: str, top: int = 6) -> list[tuple[str, float]]:
-    """Packages by the import time of their own modules (``python -X importtime`` self times, summed by
-    top-level package, dcmon by module: pydantic's time is pydantic's even when dcmon.config imported it), in ms."""
-    err = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True).stderr
-    by_pkg: dict[str, float] = defaultdict(float)
-    for line in err.splitlines():
-        m = re.match(r"import time:\s+(\d+) \|\s+\d+ \|\s*(\S+)", line)
-        if m:
-            name = m.group(2)
-            key = name if name.startswith("dcmon.") else name.split(".")[0].lstrip("_")
-            by_pkg[key] += int(m.group(1)) / 1000
-    return sorted(by_pkg.items(), key=lambda kv: -kv[1])[:top]
+def tree_steps(repeats: int, env: dict[str, str]) -> dict[str, float]:
+    """Each STEPS step's best time over ``repeats`` fresh interpreters, in ms."""
+    best: dict[str, float] = {}
+    for _ in range(repeats):
+        got = json.loads(subprocess.run([sys.executable, "-c", STEPS], env=env, capture_output=True, text=True,
+                                        check=True).stdout)
+        for k, v in got.items():
+            best[k] = min(best.get(k, v), v)
+    return best
 
 
-def startup_report(*, quick: bool) -> str:
-    repeats = 1 if quick else 3
-    base = wall("pass", repeats)
-    run_all = wall(RUN_IMPORTS, repeats)
+def startup_report(cache: Path, *, quick: bool) -> str:
+    env = cached_env(cache)
+    subprocess.run([sys.executable, "-c", RUN_IMPORTS], check=True, env=env)   # fill the bytecode cache
+    repeats = 1 if quick else 5
+    base = wall("pass", repeats, env)
+    run_all = wall(RUN_IMPORTS, repeats, env)
     if quick:
-        return (f"start-up (wall, one try, beyond `python -c pass` = {base * 1000:.0f} ms): everything `dcmon run` "
-                f"imports {(run_all - base) * 1000:.0f} ms")
-    cli = wall("import dcmon.cli", repeats)
-    tree = wall("import dcmon.cli as c; c.build_parser()", repeats)
+        return (f"start-up (wall, one try, with a bytecode cache, beyond `python -c pass` = {base * 1000:.0f} ms): "
+                f"everything `dcmon run` imports {(run_all - base) * 1000:.0f} ms")
+    cli = wall("import dcmon.cli", repeats, env)
+    tree = wall("import dcmon.cli as c; c.build_parser()", repeats, env)
+    uncached = wall("import dcmon.cli as c; c.build_parser()", repeats) - wall("pass", repeats)
     rss = subprocess.run([sys.executable, "-c", RUN_IMPORTS + "; import resource; "
                           "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"],
-                         capture_output=True, text=True, check=True).stdout.split()[-1]
-    return (f"start-up, best of {repeats} (wall, beyond `python -c pass` = {base * 1000:.0f} ms): import dcmon.cli "
-            f"{(cli - base) * 1000:.0f} ms; its command tree (every dcmon command) {(tree - base) * 1000:.0f} ms; "
-            f"everything `dcmon run` imports {(run_all - base) * 1000:.0f} ms, after which RSS is "
+                         capture_output=True, text=True, check=True, env=env).stdout.split()[-1]
+    steps = tree_steps(repeats, env)
+    return (f"start-up, best of {repeats} (wall, with a bytecode cache, beyond `python -c pass` = {base * 1000:.0f} ms): "
+            f"import dcmon.cli {(cli - base) * 1000:.0f} ms; its command tree (every dcmon command, --help too) "
+            f"{(tree - base) * 1000:.0f} ms ({uncached * 1000:.0f} ms without a bytecode cache, as this checkout "
+            f"runs); everything `dcmon run` imports {(run_all - base) * 1000:.0f} ms, after which RSS is "
             f"{int(rss) / 1024:.1f} MB\n"
-            "  where (self time by package, -X importtime): "
-            + ", ".join(f"{k} {v:.0f} ms" for k, v in heaviest_imports(RUN_IMPORTS)))
+            f"  where the command tree's time goes (imported in this order, best of {repeats}, "
+            f"sum {sum(steps.values()):.0f} ms): " + ", ".join(f"{k} {v:.0f} ms" for k, v in steps.items()))
 
 
 # ----------------------------------------------------------------------------------- the poller
@@ -137,44 +190,37 @@ database = "dcmon"
 """
 
 
-def write_config(tmp: Path, name: str, paths: list[str], meters: int, interval: float, url: str) -> Path:
-    text = CONFIG.format(interval=interval, spool=tmp / f"{name}.sqlite", url=url)
+def write_config(disk: Path, name: str, paths: list[str], meters: int, interval: float, url: str) -> Path:
+    text = CONFIG.format(interval=interval, spool=disk / f"{name}.sqlite", url=url)
     for b, path in enumerate(paths):
         text += f'\n[buses.b{b}]\nport = "{path}"\n'
         for a in range(1, meters + 1):
             text += f'\n[[sensors]]\nname = "{name}_{b}_{a}"\nbus = "b{b}"\naddress = {a}\n'
-    p = tmp / f"{name}.toml"
+    p = disk / f"{name}.toml"
     p.write_text(text)
     return p
 
 
-# The variants, side by side: the shipped command, and the same command with prototypes patched in first.
-VARIANTS: dict[str, str] = {
-    "shipped": "",
-    "recv": "import bench_bus; bench_bus.patch_bus_class()",
-    "recv+batch": ("import bench_bus; bench_bus.patch_bus_class(); import dcmon.sender; "
-                   "dcmon.sender.Sender.poke = lambda self: None"),
-}
+def variant_name(send_interval_s: float) -> str:
+    return f"min_send_interval_s = {send_interval_s:g}" + (" (shipped)" if send_interval_s == 0 else "")
 
 
 class PollerProcess:
-    """One ``dcmon run`` process, as shipped or with a variant's patches applied before dcmon.cli runs."""
+    """One ``dcmon run`` process, its Sender's ``min_send_interval_s`` set before dcmon.cli runs (the config
+    file has no such setting). Both variants start the same way, so they pay the same."""
 
-    def __init__(self, cfg: Path, prefix: str, tmp: Path, *, patches: str = "") -> None:
+    def __init__(self, cfg: Path, prefix: str, runtime: Path, *, send_interval_s: float) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DCMON_")}
-        env["DCMON_STATUS_PATH"] = str(tmp / f"{prefix}.status.json")
+        env["DCMON_STATUS_PATH"] = str(runtime / f"{prefix}.status.json")   # tmpfs, as /run/dcmon
         args = ["run", "--config", str(cfg), "--no-print", "--log-level", "warning"]
-        if patches:
-            boot = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); {patches}; "
-                    f"import dcmon.cli; dcmon.cli.run_main()")
-            cmd = [sys.executable, "-c", boot, *args]
-        else:
-            cmd = [sys.executable, "-m", "dcmon.cli", *args]
+        boot = (f"import dcmon.sender; dcmon.sender.Sender.__init__.__kwdefaults__['min_send_interval_s'] = "
+                f"{send_interval_s!r}; import dcmon.cli; dcmon.cli.run_main()")
         self.prefix = prefix
         self.status_path = Path(env["DCMON_STATUS_PATH"])
-        self.log_path = tmp / f"{prefix}.log"
+        self.log_path = runtime / f"{prefix}.log"
         self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([sys.executable, "-c", boot, *args], env=env, stdout=self._log,
+                                     stderr=subprocess.STDOUT)
 
     def readings_taken(self, influx: Influxd, start_ns: int, end_ns: int) -> int:
         """Its readings in influxd whose time (taken when the meter answered) is in [start, end)."""
@@ -214,6 +260,7 @@ class Run:
     seconds: float
     cpu_s: float
     rss_mb: float
+    disk_bytes: int
     exit_status: int
 
     @property
@@ -223,6 +270,10 @@ class Run:
     @property
     def cpu_pct(self) -> float:
         return 100 * self.cpu_s / self.seconds
+
+    @property
+    def bytes_per_reading(self) -> float:
+        return self.disk_bytes / self.readings if self.readings else float("inf")
 
 
 def measure(pollers: list[PollerProcess], influx: Influxd, seconds: float, settle_s: float = 1.0) -> list[Run]:
@@ -235,14 +286,16 @@ def measure(pollers: list[PollerProcess], influx: Influxd, seconds: float, settl
         time.sleep(settle_s)                 # past start-up: imports, spool open, first connections
         start_ns, t0 = time.time_ns(), time.monotonic()
         cpu0 = [cpu_seconds(p.proc.pid) for p in pollers]
+        io0 = [write_bytes(p.proc.pid) for p in pollers]
         time.sleep(seconds)
         end_ns, t1 = time.time_ns(), time.monotonic()
         cpu1 = [cpu_seconds(p.proc.pid) for p in pollers]
+        io1 = [write_bytes(p.proc.pid) for p in pollers]
         rss = [peak_rss_mb(p.proc.pid) for p in pollers]
     finally:
         statuses = [p.stop() for p in pollers]
-    return [Run(p.readings_taken(influx, start_ns, end_ns), t1 - t0, c1 - c0, r, st)
-            for p, c0, c1, r, st in zip(pollers, cpu0, cpu1, rss, statuses)]
+    return [Run(p.readings_taken(influx, start_ns, end_ns), t1 - t0, c1 - c0, r, w1 - w0, st)
+            for p, c0, c1, w0, w1, r, st in zip(pollers, cpu0, cpu1, io0, io1, rss, statuses)]
 
 
 # ----------------------------------------------------------------------------------------- main
@@ -256,17 +309,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="1 s, one import timing (smoke test)")
     args = ap.parse_args(argv)
     seconds = 1.0 if args.quick else args.seconds
-    names = list(VARIANTS)
+    names = [variant_name(v) for v in SEND_INTERVALS]
 
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the start")
-    with tempfile.TemporaryDirectory(prefix="dcmon-bench-") as tmpdir, contextlib.ExitStack() as stack:
-        tmp = Path(tmpdir)
+    shm = Path("/dev/shm")
+    with tempfile.TemporaryDirectory(prefix="dcmon-bench-", dir="/var/tmp") as disk_dir, \
+            tempfile.TemporaryDirectory(prefix="dcmon-bench-", dir=shm if shm.is_dir() else None) as run_dir, \
+            contextlib.ExitStack() as stack:
+        disk, runtime = Path(disk_dir), Path(run_dir)
         if args.quick:   # beside influxd's start-up, which it then slows: good enough to see that it runs
-            imports = stack.enter_context(concurrent.futures.ThreadPoolExecutor(1)).submit(startup_report, quick=True)
+            imports = stack.enter_context(concurrent.futures.ThreadPoolExecutor(1)).submit(
+                startup_report, runtime / "pyc", quick=True)
         else:
-            print(startup_report(quick=False))
+            print(startup_report(runtime / "pyc", quick=False))
+        print(f"spools in {disk} ({fs_type(disk)}), status files in {runtime} ({fs_type(runtime)})")
         try:
-            influx = Influxd(tmp / "influxd").start()
+            influx = Influxd(disk / "influxd").start()
         except RuntimeError as e:
             print(f"bench: cannot start influxd: {str(e).splitlines()[0]}", file=sys.stderr)
             return 1
@@ -277,33 +335,44 @@ def main(argv: list[str] | None = None) -> int:
         if args.quick:
             print(imports.result())
         pollers = []
-        for i, name in enumerate(names):
-            cfg = write_config(tmp, f"cost{i}", fast[4 * i:4 * i + 4], 8, 0.0, influx.url)
-            pollers.append(PollerProcess(cfg, f"cost{i}", tmp, patches=VARIANTS[name]))
-        for i, name in enumerate(names):
-            cfg = write_config(tmp, f"idle{i}", wired[i:i + 1], 8, 1.0, influx.url)
-            pollers.append(PollerProcess(cfg, f"idle{i}", tmp, patches=VARIANTS[name]))
+        for i, v in enumerate(SEND_INTERVALS):
+            cfg = write_config(disk, f"cost{i}", fast[4 * i:4 * i + 4], 8, 0.0, influx.url)
+            pollers.append(PollerProcess(cfg, f"cost{i}", runtime, send_interval_s=v))
+        for i, v in enumerate(SEND_INTERVALS):
+            cfg = write_config(disk, f"idle{i}", wired[i:i + 1], 8, 1.0, influx.url)
+            pollers.append(PollerProcess(cfg, f"idle{i}", runtime, send_interval_s=v))
         runs = measure(pollers, influx, seconds, settle_s=0.2 if args.quick else 2.0)
         cost, idle = runs[:len(names)], runs[len(names):]
 
+    width = 30
     print(f"\n{'all ' + str(len(pollers)) + ' pollers side by side, ' + format(seconds, 'g') + ' s':<46}"
-          + "".join(f"{n:>13}" for n in names))
+          + "".join(f"{n:>{width}}" for n in names))
     rows = [
         ("32 meters, 4 buses, zero latency, interval 0", None),
         ("  readings into influxd a second", [f"{r.readings / r.seconds:.0f}" for r in cost]),
         ("  poller CPU, % of one core", [f"{r.cpu_pct:.1f}" for r in cost]),
         ("  poller CPU a reading, ms", [f"{r.cpu_ms_per_reading:.3f}" for r in cost]),
         ("  peak RSS, MB", [f"{r.rss_mb:.1f}" for r in cost]),
+        ("  disk writes a reading, bytes", [f"{r.bytes_per_reading:,.0f}" for r in cost]),
         ("8 meters × 1 Hz, 9600 8N2 timing", None),
         ("  readings into influxd a second", [f"{r.readings / r.seconds:.2f}" for r in idle]),
         ("  poller CPU, % of one core", [f"{r.cpu_pct:.2f}" for r in idle]),
         ("  poller CPU a reading, ms", [f"{r.cpu_ms_per_reading:.3f}" for r in idle]),
         ("  peak RSS, MB", [f"{r.rss_mb:.1f}" for r in idle]),
+        ("  disk writes a reading, bytes", [f"{r.bytes_per_reading:,.0f}" for r in idle]),
+        ("  disk writes a day at this rate, MB", [f"{r.disk_bytes / r.seconds * 86400 / 1e6:,.0f}" for r in idle]),
         ("exit status after SIGTERM", [f"{a.exit_status}/{b.exit_status}" for a, b in zip(cost, idle)]),
     ]
     for label, cells in rows:
-        print(f"{label:<46}" + "".join(f"{c:>13}" for c in cells or []))
+        print(f"{label:<46}" + "".join(f"{c:>{width}}" for c in cells or []))
     print()
+    (c0, d0), (c5, d5) = zip(cost, idle)
+    print(f"trade-off, min_send_interval_s {SEND_INTERVALS[0]:g} → {SEND_INTERVALS[1]:g} s at 8 meters × 1 Hz: "
+          f"CPU {d0.cpu_pct:.2f} → {d5.cpu_pct:.2f} % of one core ({d0.cpu_ms_per_reading:.3f} → "
+          f"{d5.cpu_ms_per_reading:.3f} ms a reading), disk writes {d0.bytes_per_reading:,.0f} → "
+          f"{d5.bytes_per_reading:,.0f} bytes a reading; at 32 meters, interval 0: CPU "
+          f"{c0.cpu_ms_per_reading:.3f} → {c5.cpu_ms_per_reading:.3f} ms a reading, disk writes "
+          f"{c0.bytes_per_reading:,.0f} → {c5.bytes_per_reading:,.0f} bytes a reading")
     for name, c, d in zip(names, cost, idle):
         print(f"RATIO CPU per reading, {name} (poll, decode, spool, encode, send): {c.cpu_ms_per_reading:.3f} ms "
               f"(target ≤ {TARGET_CPU_MS:g} ms) {verdict(c.cpu_ms_per_reading <= TARGET_CPU_MS)}")
