@@ -53,6 +53,7 @@ from bench_bus import simulators  # noqa: E402  (same directory)
 from servers import Influxd  # noqa: E402
 
 TARGET_CPU_MS, TARGET_RSS_MB, TARGET_IDLE_PCT = 1.0, 50.0, 1.0
+NO_EXIT = "; import os; os._exit(0)"     # leave without tearing the modules down: what the exit costs
 RUN_IMPORTS = "import dcmon.cli as c; c.build_parser(); import dcmon.spool, dcmon.sender, dcmon.influx, dcmon.systemd"
 SEND_INTERVALS = (0.0, 5.0)           # Sender(min_send_interval_s=...): shipped default, and batched
 
@@ -128,13 +129,15 @@ def cached_env(cache: Path) -> dict[str, str]:
     return env
 
 
-def wall(code: str, repeats: int, env: dict[str, str] | None = None) -> float:
-    """Best wall time of ``python -c code`` (a fresh interpreter each time, as a start-up is)."""
-    best = float("inf")
+def walls(runs: dict[str, tuple[str, dict[str, str] | None]], repeats: int) -> dict[str, float]:
+    """Best wall time of each ``python -c code`` (a fresh interpreter each time, as a start-up is), taken
+    round-robin so that a machine whose speed drifts slows them all alike. ``runs``: name → (code, env)."""
+    best = dict.fromkeys(runs, float("inf"))
     for _ in range(repeats):
-        t = time.perf_counter()
-        subprocess.run([sys.executable, "-c", code], check=True, env=env, stdout=subprocess.DEVNULL)
-        best = min(best, time.perf_counter() - t)
+        for name, (code, env) in runs.items():
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], check=True, env=env, stdout=subprocess.DEVNULL)
+            best[name] = min(best[name], time.perf_counter() - t)
     return best
 
 
@@ -152,25 +155,28 @@ def tree_steps(repeats: int, env: dict[str, str]) -> dict[str, float]:
 def startup_report(cache: Path, *, quick: bool) -> str:
     env = cached_env(cache)
     subprocess.run([sys.executable, "-c", RUN_IMPORTS], check=True, env=env)   # fill the bytecode cache
-    repeats = 1 if quick else 5
-    base = wall("pass", repeats, env)
-    run_all = wall(RUN_IMPORTS, repeats, env)
+    repeats = 1 if quick else 7
+    tree = "import dcmon.cli as c; c.build_parser()"
+    runs: dict[str, tuple[str, dict[str, str] | None]] = {"base": ("pass", env), "run": (RUN_IMPORTS, env)}
+    if not quick:
+        runs |= {"cli": ("import dcmon.cli", env), "tree": (tree, env), "tree, no exit": (tree + NO_EXIT, env),
+                 "base, no cache": ("pass", None), "tree, no cache": (tree, None)}
+    ms = {k: 1000 * v for k, v in walls(runs, repeats).items()}
+    base = ms["base"]
     if quick:
-        return (f"start-up (wall, one try, with a bytecode cache, beyond `python -c pass` = {base * 1000:.0f} ms): "
-                f"everything `dcmon run` imports {(run_all - base) * 1000:.0f} ms")
-    cli = wall("import dcmon.cli", repeats, env)
-    tree = wall("import dcmon.cli as c; c.build_parser()", repeats, env)
-    uncached = wall("import dcmon.cli as c; c.build_parser()", repeats) - wall("pass", repeats)
+        return (f"start-up (wall, one try, with a bytecode cache, beyond `python -c pass` = {base:.0f} ms): "
+                f"everything `dcmon run` imports {ms['run'] - base:.0f} ms")
     rss = subprocess.run([sys.executable, "-c", RUN_IMPORTS + "; import resource; "
                           "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"],
                          capture_output=True, text=True, check=True, env=env).stdout.split()[-1]
     steps = tree_steps(repeats, env)
-    return (f"start-up, best of {repeats} (wall, with a bytecode cache, beyond `python -c pass` = {base * 1000:.0f} ms): "
-            f"import dcmon.cli {(cli - base) * 1000:.0f} ms; its command tree (every dcmon command, --help too) "
-            f"{(tree - base) * 1000:.0f} ms ({uncached * 1000:.0f} ms without a bytecode cache, as this checkout "
-            f"runs); everything `dcmon run` imports {(run_all - base) * 1000:.0f} ms, after which RSS is "
-            f"{int(rss) / 1024:.1f} MB\n"
-            f"  where the command tree's time goes (imported in this order, best of {repeats}, "
+    return (f"start-up, best of {repeats} (wall, with a bytecode cache, beyond `python -c pass` = {base:.0f} ms): "
+            f"import dcmon.cli {ms['cli'] - base:.0f} ms; its command tree (every dcmon command, --help too) "
+            f"{ms['tree'] - base:.0f} ms, of which {ms['tree'] - ms['tree, no exit']:.0f} ms is the interpreter's "
+            f"exit tearing those modules down ({ms['tree, no cache'] - ms['base, no cache']:.0f} ms without a "
+            f"bytecode cache, as this checkout runs); everything `dcmon run` imports {ms['run'] - base:.0f} ms, "
+            f"after which RSS is {int(rss) / 1024:.1f} MB\n"
+            f"  where the command tree's import time goes (in this order, in one interpreter, best of {repeats}; "
             f"sum {sum(steps.values()):.0f} ms): " + ", ".join(f"{k} {v:.0f} ms" for k, v in steps.items()))
 
 

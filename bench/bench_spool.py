@@ -38,7 +38,7 @@ import httpx  # noqa: E402
 
 from dcmon.config import InfluxConfig  # noqa: E402
 from dcmon.influx import InfluxSink  # noqa: E402
-from dcmon.reading import encode_line  # noqa: E402
+from dcmon.reading import encode_fields, encode_head  # noqa: E402
 from dcmon.sender import Sender  # noqa: E402
 from dcmon.spool import Spool  # noqa: E402
 
@@ -47,9 +47,12 @@ BATCH = 5000
 
 
 def readings(n: int, t_end_ns: int) -> list[str]:
-    """n realistic dc_power lines: 8 meters polled at 1 Hz, ending at t_end_ns."""
+    """n realistic dc_power lines: 8 meters polled at 1 Hz, ending at t_end_ns. Each meter's head
+    (measurement and tags) is encoded once, as the poller does."""
     cycles = (n + METERS - 1) // METERS
     t0 = t_end_ns - cycles * 1_000_000_000
+    heads = [encode_head("dc_power", {"sensor": f"battery{m + 1}", "model": "pzem017", "address": str(m + 1),
+                                      "bus": "rs485a", "host": "raspberrypi"}) for m in range(METERS)]
     out = []
     for c in range(cycles):
         t = t0 + c * 1_000_000_000
@@ -58,11 +61,10 @@ def readings(n: int, t_end_ns: int) -> list[str]:
                 break
             v = 12.0 + (c % 600) / 100 + m / 10
             a = 1.0 + (c % 97) / 10
-            out.append(encode_line("dc_power", {"sensor": f"battery{m + 1}", "model": "pzem017", "address": str(m + 1),
-                                                "bus": "rs485a", "host": "raspberrypi"},
-                                   {"voltage_v": round(v, 2), "current_a": round(a, 2), "power_w": round(v * a, 1),
+            fields = encode_fields({"voltage_v": round(v, 2), "current_a": round(a, 2), "power_w": round(v * a, 1),
                                     "energy_wh": float(c), "high_voltage_alarm": False, "low_voltage_alarm": False,
-                                    "calibrated": False, "energy_reset": False}, t))
+                                    "calibrated": False, "energy_reset": False})
+            out.append(f"{heads[m]} {fields} {t}")
     return out
 
 
