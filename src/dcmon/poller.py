@@ -431,6 +431,7 @@ def _run_forever(cfg: Config, poller: Poller, sender: object, spool: object, sto
             watchdog.progress("send")
         last_send_check = now
         watchdog.maybe_ping()
+    sender.poke()  # wake the sender now rather than at its next tick
     for t in threads:
         t.join(timeout=max(5.0, max((b.timeout_s * (b.retries + 1) for b in cfg.buses.values()), default=0) * 10))
     sender_thread.join(timeout=5.0)

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 ACK_DEFER_S = 5.0           # acks ride on the next put's commit; when idle, committed after this long
 IDLE_TICK_S = 5.0           # look at the spool this often even without a poke (e.g. after `quarantine retry`)
-STOP_SLICE_S = 0.2          # how promptly run() notices its stop event
+STOP_SLICE_S = 1.0          # how promptly run() notices its stop event without a poke (wake-ups cost CPU on a Pi Zero)
 MAX_RETRY_AFTER_S = 600.0   # a server asking for a longer pause than this is not believed
 _QUOTED = re.compile(r"unable to parse '(.+?)': ")
 

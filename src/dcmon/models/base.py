@@ -8,6 +8,7 @@ Nothing here talks to a serial port; the bus module moves the words, this module
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from enum import Enum
 from typing import Literal
 
@@ -139,6 +140,7 @@ def encode(model: Model, values: dict[str, FieldValue]) -> list[int]:
     return words
 
 
+@lru_cache(maxsize=None)
 def _decimals(scale: float) -> int:
     d = 0
     while d < 6 and abs(round(scale * 10**d) - scale * 10**d) > 1e-9:
