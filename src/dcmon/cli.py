@@ -25,6 +25,17 @@ COMMAND_MODULES = (
     "dcmon.grafana",    # grafana-import
 )
 
+# The module that adds each command: `dcmon <command>` imports only that one, since the command modules'
+# imports (pydantic, pymodbus, httpx) are nearly all of start-up (seconds on a Pi Zero). --help, --version
+# and unknown commands build the whole tree. tests/test_cli.py checks this table against the modules.
+COMMAND_OWNERS = {
+    **dict.fromkeys(("run", "check-config", "simulate", "status"), "dcmon.poller"),
+    **dict.fromkeys(("scan", "set-address", "shunt", "reset-energy", "read", "watch", "calibrate",
+                     "check-accuracy"), "dcmon.tools"),
+    "spool": "dcmon.spool_cli",
+    "grafana-import": "dcmon.grafana",
+}
+
 DEFAULT_CONFIGS = ("config.toml", "/etc/dcmon/config.toml")
 
 
@@ -48,14 +59,30 @@ def common_parser() -> argparse.ArgumentParser:
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_named(argv: list[str]) -> str | None:
+    """The first word that is not an option or the value of a common option."""
+    value_next = False
+    for a in argv:
+        if value_next:
+            value_next = False
+        elif a in ("--config", "-c", "--log-level"):
+            value_next = True
+        elif not a.startswith("-"):
+            return a
+    return None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The command tree; given ``argv`` naming a known command, only that command's module is imported."""
     common = common_parser()
+    command = _command_named(argv or [])
+    modules = (COMMAND_OWNERS[command],) if command in COMMAND_OWNERS else COMMAND_MODULES
     parser = argparse.ArgumentParser(prog="dcmon", parents=[common],
                                      description="PZEM power meters on RS485 → InfluxDB → Grafana")
     parser.add_argument("--version", action="version", version=f"dcmon {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in COMMAND_MODULES:
+    for name in modules:
         try:
             mod = importlib.import_module(name)
         except ModuleNotFoundError as e:
@@ -85,7 +112,8 @@ def setup_logging(level: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not hasattr(args, "config"):
         args.config = default_config()

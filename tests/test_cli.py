@@ -1,0 +1,36 @@
+"""The command tree: every command is owned by the module that adds it, and a command imports only its own."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from dcmon import cli
+
+
+def test_owner_table_matches_the_modules():
+    full = cli.build_parser([])
+    sub = next(a for a in full._actions if a.dest == "command")  # noqa: SLF001 - argparse has no public accessor
+    assert set(sub.choices) == set(cli.COMMAND_OWNERS)
+    for command, module in cli.COMMAND_OWNERS.items():
+        only = cli.build_parser([command])
+        sub = next(a for a in only._actions if a.dest == "command")  # noqa: SLF001
+        assert command in sub.choices, (command, module)
+
+
+def test_common_options_before_the_command_are_skipped():
+    assert cli._command_named(["--config", "x.toml", "--log-level", "debug", "spool", "status"]) == "spool"  # noqa: SLF001
+    assert cli._command_named(["--help"]) is None  # noqa: SLF001
+
+
+def test_a_command_does_not_import_the_others():
+    code = ("import sys; from dcmon import cli; cli.build_parser(['spool']); "
+            "print(' '.join(m for m in ('dcmon.tools', 'dcmon.grafana', 'dcmon.poller') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == ""
+
+
+def test_unknown_command_is_a_usage_error_listing_the_commands():
+    r = subprocess.run([sys.executable, "-m", "dcmon.cli", "scna"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "invalid choice" in r.stderr and "scan" in r.stderr and "Traceback" not in r.stderr
