@@ -28,16 +28,20 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from .bus import Bus, BusSettings
 from .calibration import apply_calibration
 from .config import Config, SensorConfig, load
-from .errors import BusError, DcmonError, DeviceError, PortNotFound
+from .errors import BusError, DcmonError, DeviceError, PortNotFound, SinkError
 from .meter import read_values, set_shunt
 from .models import FieldValue, Model
 from .reading import Reading, encode_head, encode_line
 from .systemd import Watchdog
+
+if TYPE_CHECKING:
+    from .sender import Sender
+    from .spool import Spool, SpoolStats
 
 log = logging.getLogger("dcmon.poller")
 
@@ -221,7 +225,9 @@ class Poller:
             log.info("%s: shunt code already %d A", who, s.shunt_a)
 
     # ------------------------------------------------------------------------------- health
-    def health_lines(self, spool_stats: object | None = None, sender: object | None = None) -> list[str]:
+    def health_lines(self, spool_stats: SpoolStats | None = None, sender: Sender | None = None) -> list[str]:
+        """The poller's own health as line protocol (measurement ``influxdb.health_measurement``): one point
+        per sensor, one for the poller (``sensor=_poller``)."""
         now = time.time_ns()
         m = self.cfg.influxdb.health_measurement
         lines = []
@@ -232,14 +238,15 @@ class Poller:
                                       "up": bool(st.up)}, now))
         f: dict[str, float | int | bool | str] = {"cycles": self.cycles}
         if spool_stats is not None:
-            f["spool_depth"] = int(getattr(spool_stats, "depth", 0))
-            f["spool_dropped"] = int(getattr(spool_stats, "dropped_total", 0))
-            f["quarantined"] = int(getattr(spool_stats, "quarantined", 0))
-            oldest = getattr(spool_stats, "oldest_time_ns", None)
+            f["spool_depth"] = spool_stats.depth
+            # dropped by the cap, plus lines that could not be stored at all (disk full, I/O error)
+            f["spool_dropped"] = spool_stats.dropped_total + spool_stats.lost_total
+            f["quarantined"] = spool_stats.quarantined
+            oldest = spool_stats.oldest_time_ns
             f["spool_oldest_age_s"] = round(max(0.0, (now - oldest) / 1e9), 3) if oldest else 0.0
         if sender is not None:
-            f["sent_points"] = int(getattr(sender, "sent_points", 0))
-            f["send_failures"] = int(getattr(sender, "send_failures", 0))
+            f["sent_points"] = sender.sent_points
+            f["send_failures"] = sender.send_failures
         lines.append(encode_line(m, {"host": self.host, "bus": "_all", "sensor": "_poller"}, f, now))
         return lines
 
@@ -377,7 +384,7 @@ def run(cfg: Config, *, simulate: bool = False, once: bool = False, echo: bool =
             s.stop()
 
 
-def _run_once(cfg: Config, poller: Poller, sender: object, spool: object) -> int:
+def _run_once(cfg: Config, poller: Poller, sender: Sender, spool: Spool) -> int:
     threads = [threading.Thread(target=poller.poll_bus_once, args=(name,), name=f"poll {name}") for name in poller.buses]
     for t in threads:
         t.start()
@@ -385,15 +392,23 @@ def _run_once(cfg: Config, poller: Poller, sender: object, spool: object) -> int
         t.join()
     failed = [st for st in poller.states.values() if not st.up]
     if cfg.influxdb.enabled:
-        if sender.flush(timeout_s=min(30.0, cfg.influxdb.timeout_s * 2)):  # type: ignore[attr-defined]
-            log.info("all readings written to %s", cfg.influxdb.url)
+        # send while it works (a backlog too, for up to 30 s); the first failure ends it with one line
+        deadline = time.monotonic() + 30.0
+        try:
+            while sender.send_once() and time.monotonic() < deadline:
+                pass
+        except SinkError as e:
+            log.warning("%s; %d reading(s) kept in the spool %s", e, spool.stats().depth, spool.path)
         else:
-            depth = spool.stats().depth  # type: ignore[attr-defined]
-            log.warning("%d reading(s) kept in the spool: %s", depth, sender.last_error or "InfluxDB did not take them")  # type: ignore[attr-defined]
+            depth = spool.stats().depth
+            if depth:
+                log.info("%d reading(s) still queued in the spool %s", depth, spool.path)
+            else:
+                log.info("all readings written to %s", cfg.influxdb.url)
     return 1 if failed or not poller.states else 0
 
 
-def _run_forever(cfg: Config, poller: Poller, sender: object, spool: object, stop: threading.Event,
+def _run_forever(cfg: Config, poller: Poller, sender: Sender, spool: Spool, stop: threading.Event,
                  watchdog: Watchdog) -> int:
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -407,7 +422,7 @@ def _run_forever(cfg: Config, poller: Poller, sender: object, spool: object, sto
                for name in poller.buses]
 
     def send_loop() -> None:
-        sender.run(stop)  # type: ignore[attr-defined]
+        sender.run(stop)
 
     sender_thread = threading.Thread(target=send_loop, name="sender", daemon=True)
     for t in threads:
@@ -420,13 +435,13 @@ def _run_forever(cfg: Config, poller: Poller, sender: object, spool: object, sto
     next_health = time.monotonic() + min(10.0, cfg.poller.health_interval_s or 10.0)
     while not stop.wait(1.0):
         now = time.monotonic()
-        stats = spool.stats()  # type: ignore[attr-defined]
+        stats = spool.stats()
         if now >= next_status:  # every 5 s: cheap, and on tmpfs under systemd (RuntimeDirectory)
             next_status = now + 5.0
             _write_status(spath, {**poller.status(), "spool": _stats_dict(stats), "sender_error": getattr(sender, "last_error", "")})
         if cfg.poller.health_interval_s and time.monotonic() >= next_health:
             next_health = time.monotonic() + cfg.poller.health_interval_s
-            spool.put(poller.health_lines(stats, sender))  # type: ignore[attr-defined]
+            spool.put(poller.health_lines(stats, sender))
         if sender_thread.is_alive() and getattr(sender, "last_progress", now) >= last_send_check:
             watchdog.progress("send")
         last_send_check = now
@@ -435,8 +450,8 @@ def _run_forever(cfg: Config, poller: Poller, sender: object, spool: object, sto
     for t in threads:
         t.join(timeout=max(5.0, max((b.timeout_s * (b.retries + 1) for b in cfg.buses.values()), default=0) * 10))
     sender_thread.join(timeout=5.0)
-    if cfg.influxdb.enabled and not sender.flush(timeout_s=5.0):  # type: ignore[attr-defined]
-        log.info("%d reading(s) stay in the spool for the next start", spool.stats().depth)  # type: ignore[attr-defined]
+    if cfg.influxdb.enabled and not sender.flush(timeout_s=5.0):
+        log.info("%d reading(s) stay in the spool for the next start", spool.stats().depth)
     watchdog.stopping()
     log.info("stopped")
     return 0
@@ -444,9 +459,9 @@ def _run_forever(cfg: Config, poller: Poller, sender: object, spool: object, sto
 
 
 
-def _stats_dict(stats: object) -> dict[str, object]:
-    return {k: getattr(stats, k) for k in ("depth", "bytes", "oldest_time_ns", "dropped_total", "quarantined", "last_error")
-            if hasattr(stats, k)}
+def _stats_dict(stats: SpoolStats) -> dict[str, object]:
+    return {k: getattr(stats, k) for k in ("depth", "bytes", "oldest_time_ns", "dropped_total", "lost_total",
+                                           "quarantined", "last_error")}
 
 
 def _write_status(path: Path, data: dict[str, object]) -> None:
