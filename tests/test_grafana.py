@@ -37,6 +37,7 @@ import pytest
 
 from dcmon import config
 from dcmon.influx import InfluxSink
+from dcmon.spool import SpoolStats
 from dcmon.poller import Poller
 from dcmon.simulator import Simulator, meters_for
 
@@ -143,7 +144,8 @@ def data(influxd, tmp_path_factory):
                 for bus in ("house", "grid"):
                     for r in poller.poll_bus_once(bus):
                         last[r.sensor] = (int((now + off) * 1e9) + (r.time_ns - first), r.fields)
-                spool = SimpleNamespace(depth=k, dropped_total=1, quarantined=0, oldest_time_ns=first - 2 * 10**9)
+                spool = SpoolStats(depth=k, bytes=0, file_bytes=0, oldest_time_ns=first - 2 * 10**9, dropped_total=1,
+                                   quarantined=0, last_error="")
                 batch = restamp(lines + poller.health_lines(spool, SimpleNamespace(sent_points=10 * k, send_failures=0)),
                                 int((now + off) * 1e9), first)
                 sink.write(batch)
