@@ -206,3 +206,29 @@ def test_health_lines_describe_each_sensor_and_the_poller(tmp_path, sim):
     assert any("sensor=battery" in ln and "polls_ok=1i" in ln and "up=true" in ln for ln in lines)
     assert any("sensor=solar" in ln and "polls_failed=1i" in ln and "up=false" in ln for ln in lines)
     assert any("sensor=_poller" in ln for ln in lines)
+
+
+def test_adapter_unplugged_and_plugged_back(tmp_path, caplog):
+    """The pty disappears (USB adapter pulled) and comes back under the same name: one line for each change,
+    polling resumes by itself, and the meter is given its settle time again."""
+    link = str(tmp_path / "ttyRS485")
+    sim = Simulator(meters_for([("pzem017", 1)]), link=link).start()
+    p = tmp_path / "c.toml"
+    p.write_text(f'[poller]\nsettle_s = 0.3\n[buses.a]\nport = "{link}"\ntimeout_s = 0.2\nretries = 0\n'
+                 '[[sensors]]\nname = "m"\nbus = "a"\naddress = 1\n')
+    poller = Poller(config.load(p, env={}), put=lambda lines: None)
+    try:
+        assert len(poller.poll_bus_once("a")) == 1
+        sim.stop()
+        for _ in range(3):
+            assert poller.poll_bus_once("a") == []
+        sim = Simulator(meters_for([("pzem017", 1)]), link=link).start()
+        assert poller.poll_bus_once("a") == []            # answers again: settling
+        time.sleep(0.35)
+        assert len(poller.poll_bus_once("a")) == 1
+    finally:
+        poller.close()
+        sim.stop()
+    msgs = [r.getMessage() for r in caplog.records]
+    assert sum("not found" in m for m in msgs) == 1 and sum("is open again" in m for m in msgs) == 1
+    assert poller.states["m"].polls_failed == 3
