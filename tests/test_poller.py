@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -211,6 +212,7 @@ def test_health_lines_describe_each_sensor_and_the_poller(tmp_path, sim):
 def test_adapter_unplugged_and_plugged_back(tmp_path, caplog):
     """The pty disappears (USB adapter pulled) and comes back under the same name: one line for each change,
     polling resumes by itself, and the meter is given its settle time again."""
+    caplog.set_level(logging.INFO)
     link = str(tmp_path / "ttyRS485")
     sim = Simulator(meters_for([("pzem017", 1)]), link=link).start()
     p = tmp_path / "c.toml"
