@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -27,7 +26,7 @@ from .calibration import apply_calibration
 from .config import Config, SensorConfig
 from .errors import BusError, ConfigError, DcmonError, DeviceError, NoResponse
 from .meter import SHUNT_REGISTER, read_shunt, read_values, set_shunt, write_setting
-from .models import MODELS, PZEM016, PZEM017, FieldValue, Model, decode
+from .models import MODELS, PZEM016, PZEM017, FieldValue, Model, decimals, decode
 
 ADDRESS_SETTING = 0x0002  # the address holding register, the same on every PZEM model
 SCAN_TIMEOUT_S = 0.1
@@ -180,11 +179,6 @@ def label_and_unit(name: str) -> tuple[str, str]:
         if name.endswith(suffix):
             return name[: -len(suffix)].replace("_", " "), unit
     return name.replace("_", " ").replace("high voltage", "high-voltage").replace("low voltage", "low-voltage"), ""
-
-
-def decimals(scale: float) -> int:
-    """Digits after the point that a register's resolution justifies: 0.01 → 2, 0.1 → 1, 1 → 0."""
-    return max(0, -math.floor(math.log10(scale) + 1e-9))
 
 
 def format_value(model: Model, name: str, value: FieldValue) -> str:

@@ -117,7 +117,7 @@ def decode(model: Model, words: list[int] | tuple[int, ...]) -> dict[str, FieldV
     for reg in model.inputs:
         v = out[reg.name]
         if not isinstance(v, bool):
-            out[reg.name] = round(v, _decimals(reg.scale))
+            out[reg.name] = round(v, decimals(reg.scale))
     return out
 
 
@@ -141,7 +141,8 @@ def encode(model: Model, values: dict[str, FieldValue]) -> list[int]:
 
 
 @lru_cache(maxsize=None)
-def _decimals(scale: float) -> int:
+def decimals(scale: float) -> int:
+    """Digits after the point that a register's resolution justifies: 0.01 → 2, 0.1 → 1, 1 → 0."""
     d = 0
     while d < 6 and abs(round(scale * 10**d) - scale * 10**d) > 1e-9:
         d += 1
