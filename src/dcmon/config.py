@@ -21,12 +21,15 @@ import os
 import socket
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 from .models import MODELS, Model
+
+if TYPE_CHECKING:
+    from .bus import BusSettings
 
 ENV_PREFIX = "DCMON_"
 ENV_SECTIONS = ("poller", "spool", "influxdb", "grafana")
@@ -211,6 +214,14 @@ class Config(_Strict):
             if s.bus == bus:
                 return s.meter.serial.stopbits
         return 2
+
+    def bus_settings(self, bus: str) -> BusSettings:
+        """The serial settings of one configured bus, its framing resolved (``stopbits``)."""
+        from .bus import BusSettings  # here, not at the top: pymodbus is heavy and most commands never need it
+
+        b = self.buses[bus]
+        return BusSettings(name=bus, port=b.port, baudrate=b.baudrate, bytesize=b.bytesize, parity=b.parity,
+                           stopbits=self.stopbits(bus), timeout_s=b.timeout_s, retries=b.retries, gap_s=b.gap_s)
 
     def resolve(self, path: str) -> Path:
         """A path from the config, relative to the main config file's folder."""

@@ -21,9 +21,10 @@ def read_setting(bus: Bus, model: Model, address: int, name: str) -> float:
     return raw * s.scale
 
 
-def write_setting(bus: Bus, model: Model, address: int, name: str, value: float) -> None:
+def write_setting(bus: Bus, model: Model, address: int, name: str, value: float, *, label: str = "") -> None:
     """Write a setting, then read it back: a meter that echoes but does not store is a DeviceError.
-    (After writing the address, the read-back goes to the new address.)"""
+    (After writing the address, the read-back goes to the new address.) ``label`` names the value in
+    that error, e.g. "shunt code 2 (200 A)"."""
     s = model.setting(name)
     if not s.minimum <= value <= s.maximum:
         raise DeviceError(f"{model.title} {name} must be between {s.minimum:g} and {s.maximum:g}, not {value:g}")
@@ -32,8 +33,8 @@ def write_setting(bus: Bus, model: Model, address: int, name: str, value: float)
     read_at = raw if name == "address" else address
     got = bus.read_holding_registers(read_at, s.address, 1)[0]
     if got != raw:
-        raise DeviceError(f"bus {bus.name!r} address {address}: wrote {name} = {value:g} but the meter reads back "
-                          f"{got * s.scale:g}; the meter did not accept it", bus=bus.name, address=address)
+        raise DeviceError(f"bus {bus.name!r} address {address}: wrote {label or f'{name} = {value:g}'} but the meter "
+                          f"reads back {got * s.scale:g}; the meter did not accept it", bus=bus.name, address=address)
 
 
 def read_shunt(bus: Bus, model: Model, address: int) -> int | None:
@@ -52,9 +53,5 @@ def set_shunt(bus: Bus, model: Model, address: int, amps: int) -> bool:
     if read_shunt(bus, model, address) == amps:
         return False
     code = model.shunt_codes[amps]
-    bus.write_register(address, SHUNT_REGISTER, code)
-    got = bus.read_holding_registers(address, SHUNT_REGISTER, 1)[0]
-    if got != code:
-        raise DeviceError(f"bus {bus.name!r} address {address}: wrote shunt code {code} ({amps} A) but the meter "
-                          f"reads back {got}; the meter did not accept it", bus=bus.name, address=address)
+    write_setting(bus, model, address, "current_range", code, label=f"shunt code {code} ({amps} A)")
     return True

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from .bus import Bus, BusSettings
+from .bus import Bus
 from .calibration import apply_calibration
 from .config import Config, SensorConfig, load
 from .errors import BusError, DcmonError, DeviceError, PortNotFound, SinkError
@@ -96,9 +96,7 @@ class Poller:
         self.on_reading = on_reading
         self.host = cfg.host
         self.buses = buses if buses is not None else {
-            name: Bus(BusSettings(name=name, port=b.port, baudrate=b.baudrate, bytesize=b.bytesize, parity=b.parity,
-                                  stopbits=cfg.stopbits(name), timeout_s=b.timeout_s, retries=b.retries, gap_s=b.gap_s))
-            for name, b in cfg.buses.items() if cfg.enabled_sensors(name)
+            name: Bus(cfg.bus_settings(name)) for name in cfg.buses if cfg.enabled_sensors(name)
         }
         self.states = {s.name: SensorState(cfg=s, shunt_pending=cfg.poller.apply_shunt_codes and s.shunt_a is not None)
                        for s in cfg.enabled_sensors()}
@@ -363,10 +361,11 @@ def run(cfg: Config, *, simulate: bool = False, once: bool = False, echo: bool =
     def show(r: Reading) -> None:
         print(format_reading(r), flush=True)
 
-    watchdog = Watchdog.from_env(loops=[f"poll:{name}" for name, b in cfg.buses.items() if cfg.enabled_sensors(name)]
-                                 + ["send"])
+    watchdog = Watchdog.from_env(loops=["send"])
     poller = Poller(cfg, put=put, on_reading=show if (echo or once) else None, retrying=not once,
                     hint_simulate=hint_simulate, progress=watchdog.progress)
+    for name in poller.buses:
+        watchdog.register(f"poll:{name}")
     if not poller.states:
         log.warning("no enabled sensors in %s: nothing to poll", cfg.source)
     if not sink:

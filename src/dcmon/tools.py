@@ -17,7 +17,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TextIO
 
 from . import config as config_mod
@@ -147,11 +147,9 @@ def resolve(args: argparse.Namespace, *, need_address: bool, timeout_s: float | 
     if bus_cfg is not None:
         assert cfg is not None
         stopbits = args.stopbits or bus_cfg.stopbits or (model.serial.stopbits if args.model else cfg.stopbits(bus_cfg.name))
-        settings = BusSettings(
-            name=bus_cfg.name, port=bus_cfg.port, baudrate=args.baudrate or bus_cfg.baudrate,
-            bytesize=bus_cfg.bytesize, parity=bus_cfg.parity, stopbits=stopbits,
-            timeout_s=timeout_s or args.timeout or bus_cfg.timeout_s,
-            retries=bus_cfg.retries if retries is None else retries, gap_s=bus_cfg.gap_s)
+        settings = replace(cfg.bus_settings(bus_cfg.name), baudrate=args.baudrate or bus_cfg.baudrate,
+                           stopbits=stopbits, timeout_s=timeout_s or args.timeout or bus_cfg.timeout_s,
+                           retries=bus_cfg.retries if retries is None else retries)
     else:
         assert port  # no config was read, so a port was given
         settings = BusSettings(
@@ -160,13 +158,6 @@ def resolve(args: argparse.Namespace, *, need_address: bool, timeout_s: float | 
             stopbits=args.stopbits or model.serial.stopbits,
             timeout_s=timeout_s or args.timeout or 0.5, retries=1 if retries is None else retries)
     return Target(settings=settings, model=model, address=address, sensor=sensor, cfg=cfg)
-
-
-def with_settings(t: Target, **changes: Any) -> Target:
-    s = t.settings
-    fields_ = {f: getattr(s, f) for f in s.__dataclass_fields__}
-    fields_.update(changes)
-    return Target(BusSettings(**fields_), t.model, t.address, t.sensor, t.cfg)
 
 
 # ------------------------------------------------------------------------------------ formatting
@@ -453,7 +444,7 @@ def cmd_set_address(args: argparse.Namespace) -> int:
         with Bus(t.settings) as bus:
             old = only_meter_address(bus, t.model)
         if not args.no_scan:
-            st = with_settings(t, timeout_s=args.scan_timeout, retries=0).settings
+            st = replace(t.settings, timeout_s=args.scan_timeout, retries=0)
             addrs = _scan_range(args)
             note(f"the general address found one meter (at address {old}); scanning addresses "
                  f"{addrs.start}-{addrs.stop - 1} to make sure no other meter is connected (--no-scan skips this)")
