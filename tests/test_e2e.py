@@ -66,10 +66,9 @@ def write_cfg(tmp_path: Path, *, url: str, port: str = "/dev/null", api: int = 1
 
 
 def spool_depth(tmp_path: Path) -> int:
+    """Lines still queued, read from the file itself (the spool's own table ``queue``)."""
     with sqlite3.connect(tmp_path / "spool.sqlite") as c:
-        tables = [r[0] for r in c.execute("select name from sqlite_master where type='table'")]
-        table = next(t for t in tables if "quarantine" not in t and not t.startswith("sqlite") and t != "meta")
-        return c.execute(f"select count(*) from {table}").fetchone()[0]
+        return c.execute("SELECT count(*) FROM queue").fetchone()[0]
 
 
 def test_once_simulator_to_real_influxdb_v1(tmp_path, influxd, fresh_db, sim, capsys):
