@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 from pymodbus.framer.rtu import FramerRTU
 
-from .models import MODELS, Model, decode, encode
+from .models import MODELS, Model, encode
 
 log = logging.getLogger(__name__)
 
@@ -320,4 +320,4 @@ def meters_for(sensors: list[tuple[str, int]], **kw: object) -> list[SimMeter]:
     return out
 
 
-__all__ = ["SimMeter", "Simulator", "crc16", "frame", "meters_for", "decode"]
+__all__ = ["SimMeter", "Simulator", "crc16", "frame", "meters_for"]
