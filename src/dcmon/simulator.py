@@ -33,6 +33,7 @@ import termios
 import threading
 import time
 import tty
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pymodbus.framer.rtu import FramerRTU
@@ -69,6 +70,7 @@ class SimMeter:
     reject_writes: bool = False    # echo writes but do not store them
     holding: dict[int, int] = field(default_factory=dict)
     seed: int = 0
+    drive: Drive | None = None     # an external model sets V, I and energy (see Drive, dcmon.battery_sim)
 
     def __post_init__(self) -> None:
         if not self.holding:
@@ -93,6 +95,8 @@ class SimMeter:
 
     def values(self, now: float | None = None) -> dict[str, float | bool]:
         now = time.monotonic() if now is None else now
+        if self.drive is not None:
+            return self.drive.values(self, now)
         t = now - self._t0
         kind = self.model.kind
         v = self.base_voltage_v * (1 + 0.02 * math.sin(t / 37 + self._phase)) + self._rng.uniform(-0.01, 0.01)
@@ -158,6 +162,40 @@ class SimMeter:
             self.energy_wh = 0.0
             return bytes([fc])
         return bytes([fc | 0x80, 0x01])
+
+
+class Drive:
+    """Lets an external model drive a meter: ``sample(now)`` returns the true voltage (V), current (A) and
+    energy (Wh, integrated continuously by the model since its start) at monotonic time ``now``. The meter
+    reports them as a real one would: at its register resolution, energy as a whole-Wh counter that its
+    reset (0x42) sets back to zero, current scaled by the shunt code like the free-running meter."""
+
+    def __init__(self, sample: Callable[[float], tuple[float, float, float]]) -> None:
+        self.sample = sample
+        self._last_wh: float | None = None
+
+    def values(self, meter: SimMeter, now: float) -> dict[str, float | bool]:
+        v, i, wh = self.sample(now)
+        if self._last_wh is not None:
+            meter.energy_wh += max(0.0, wh - self._last_wh)   # the meter's own counter: reset to 0 by 0x42
+        self._last_wh = wh
+        model = meter.model
+        if model.shunt_codes:
+            range_a = model.shunt_amps(meter.holding.get(0x0003, 0)) or 100
+            i = i * range_a / meter.true_shunt_a
+        i = min(max(i, 0.0), model.max_current_a)
+        v = min(max(v, 0.0), model.max_voltage_v)
+        res_v = model.inputs[0].scale
+        res_i = next(r.scale for r in model.inputs if r.name == "current_a")
+        v, i = round(v / res_v) * res_v, round(i / res_i) * res_i
+        vals: dict[str, float | bool] = {"voltage_v": v, "current_a": i, "power_w": v * i,
+                                         "energy_wh": math.floor(meter.energy_wh)}
+        if model.kind == "dc":
+            vals["high_voltage_alarm"] = v > meter.holding.get(0x0000, 30000) * 0.01
+            vals["low_voltage_alarm"] = v < meter.holding.get(0x0001, 700) * 0.01
+        else:
+            vals.update(frequency_hz=50.0, power_factor=1.0, power_alarm=v * i > meter.holding.get(0x0001, 23000))
+        return vals
 
 
 def request_length(buf: bytes) -> int | None:
@@ -320,4 +358,4 @@ def meters_for(sensors: list[tuple[str, int]], **kw: object) -> list[SimMeter]:
     return out
 
 
-__all__ = ["SimMeter", "Simulator", "crc16", "frame", "meters_for"]
+__all__ = ["Drive", "SimMeter", "Simulator", "crc16", "frame", "meters_for"]

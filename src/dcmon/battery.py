@@ -1,0 +1,634 @@
+"""A battery monitor from PZEM meters: state of charge, time to go, charge/discharge history.
+
+Done the way Victron's BMV-712 / SmartShunt do it (docs/battery.md cites each parameter and default),
+with what the PZEM-017 makes different: its current has no sign, so a battery needs one or more meters on
+the cables **into** it (``charge``: chargers, solar) and **out of** it (``discharge``: loads, inverter);
+net current = Σ charge − Σ discharge.
+
+Pure: no I/O, no clock. The poller feeds it each meter's decoded reading with ``update()`` and reads a typed
+``BatteryState`` with ``snapshot()``; ``to_state()`` / ``BatteryMonitor.restore()`` move the durable part
+to and from ``dcmon.battery_store``.
+
+How the charge is counted (the choice the issue asked to document):
+- The meters' own energy counters are the long-term truth: the meter integrates continuously, while a
+  sampled current misses what happens between polls. But the PZEM-017's counter has 1 Wh resolution
+  (about 0.08 Ah at 12 V: at 24 W it steps once every 2.5 minutes).
+- So each meter's true internal total is *estimated* between steps by integrating its sampled power
+  (trapezoid, P × Δt), and that estimate is clamped into the interval the counter allows: the meter's
+  internal total is at least the counter and less than the counter + 1 Wh. Short-term resolution comes
+  from the sampled power, the long-term sum can never drift more than 1 Wh from the counter, and a gap in
+  polling (bus down, poller restarted) is bridged by the counter alone.
+- Wh → Ah with the mean voltage over the interval (the counter integrates V × I, the battery stores Ah).
+- A counter that went down (reset, or a meter that lost its memory) loses what flowed in that interval:
+  after a short interval (≤ ``max_gap_s``) P × Δt stands in for it; after a longer one the state of
+  charge is declared lost (unknown) rather than guessed.
+
+Corrections (on the net current, as a shunt on the battery would see it):
+- |net| below ``current_threshold_a`` counts as zero (nothing is counted);
+- net > 0 (charging): every Ah counted is multiplied by the charge efficiency;
+- net < 0 (discharging): by Peukert's factor (I / I_rated)^(n − 1), I_rated = capacity / rated_hours,
+  so the state of charge is the remaining capacity at the rated (20 h) rate.
+Synchronisation to 100 %: battery voltage above ``charged_voltage_v`` and net current below the tail
+current (and not discharging) for ``charged_detection_min`` without a break. Before the first
+synchronisation, and after the state is lost, the state of charge is unknown (None), never guessed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+Chemistry = Literal["lead-acid", "lifepo4"]
+BatteryStatus = Literal["charging", "discharging", "idle", "unknown"]
+STATE_VERSION = 1
+
+# Per-chemistry defaults (docs/battery.md gives the Victron source of each).
+#   charged voltage is per 12 V of nominal voltage: 13.2 V is the BMV-712's 12 V default; LiFePO4 is
+#   charged well above its 13.3 V plateau, so 14.0 V (3.5 V a cell) is used, just under the usual
+#   14.2 V absorption voltage.
+PRESETS: dict[str, dict[str, float]] = {
+    "lead-acid": {"charge_efficiency_pct": 95.0, "peukert": 1.25, "discharge_floor_pct": 50.0,
+                  "charged_voltage_per_12v": 13.2},
+    "lifepo4": {"charge_efficiency_pct": 99.0, "peukert": 1.05, "discharge_floor_pct": 10.0,
+                "charged_voltage_per_12v": 14.0},
+}
+_CHEMISTRY_ALIASES = {"lead-acid": "lead-acid", "lead_acid": "lead-acid", "leadacid": "lead-acid", "agm": "lead-acid",
+                      "gel": "lead-acid", "flooded": "lead-acid", "lifepo4": "lifepo4", "lfp": "lifepo4",
+                      "lifepo": "lifepo4"}
+
+
+@dataclass(frozen=True)
+class BatterySettings:
+    """One ``[[batteries]]`` entry, validated. Build it with ``from_dict`` (or ``preset``)."""
+
+    name: str
+    capacity_ah: float
+    nominal_v: float = 12.0
+    chemistry: str = "lead-acid"
+    charge: tuple[str, ...] = ()          # meters on the cables into the battery (chargers, solar)
+    discharge: tuple[str, ...] = ()       # meters on the cables out of it (loads, inverter)
+    battery_cable: tuple[str, ...] = ()   # a meter on the battery cable itself: both directions, no sign
+    voltage_sensor: str = ""              # whose voltage is the battery's ("" = the first meter listed)
+    charged_voltage_v: float = 0.0        # 0 = the chemistry's default for nominal_v
+    tail_current_pct: float = 4.0         # % of capacity, in A
+    charged_detection_min: float = 3.0
+    peukert: float = 0.0                  # 0 = the chemistry's default
+    charge_efficiency_pct: float = 0.0    # 0 = the chemistry's default
+    current_threshold_a: float = 0.1
+    ttg_window_min: float = 3.0
+    discharge_floor_pct: float = -1.0     # < 0 = the chemistry's default
+    rated_hours: float = 20.0             # the discharge time the capacity is rated at (C20)
+    max_gap_s: float = 60.0               # longest interval bridged by sampled power; older readings are stale
+    state_max_age_h: float = 24.0         # a saved state older than this is lost (state of charge unknown)
+
+    # ------------------------------------------------------------------------------ derived values
+    @property
+    def tail_current_a(self) -> float:
+        return self.capacity_ah * self.tail_current_pct / 100.0
+
+    @property
+    def rated_current_a(self) -> float:
+        return self.capacity_ah / self.rated_hours
+
+    @property
+    def sensors(self) -> tuple[str, ...]:
+        return self.charge + self.discharge + self.battery_cable
+
+    @property
+    def battery_voltage_sensor(self) -> str:
+        return self.voltage_sensor or (self.sensors[0] if self.sensors else "")
+
+    @property
+    def can_count(self) -> bool:
+        """True when the state of charge can be estimated at all (see ``limits``)."""
+        return bool(self.charge) and bool(self.discharge) and not self.battery_cable
+
+    def fingerprint(self) -> str:
+        """What a saved state must match to be restored: the capacity and the meters counted."""
+        return f"{self.capacity_ah:g}Ah|in={','.join(self.charge)}|out={','.join(self.discharge)}"
+
+    # ------------------------------------------------------------------------------ construction
+    @classmethod
+    def preset(cls, name: str, capacity_ah: float, chemistry: str = "lead-acid", **kw: Any) -> BatterySettings:
+        """Settings with the chemistry's defaults filled in (no validation beyond from_dict's)."""
+        data: dict[str, Any] = {"name": name, "capacity_ah": capacity_ah, "chemistry": chemistry, **kw}
+        return cls.from_dict(data, "<code>")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "config.toml", *, key: str = "batteries") -> BatterySettings:
+        """Validate one ``[[batteries]]`` table. ``where`` is the file name, ``key`` the table's key
+        (e.g. ``batteries[0]``) for the error text. Raises ConfigError naming the key and the fix."""
+
+        def bad(k: str, problem: str, fix: str) -> ConfigError:
+            return ConfigError(where, f"{key}.{k}" if k else key, problem, fix)
+
+        if not isinstance(data, Mapping):
+            raise bad("", "must be a table", "write it as [[batteries]] with name = ... and capacity_ah = ...")
+        known = {f.name for f in fields(cls)}
+        for k in data:
+            if k not in known:
+                import difflib
+                near = difflib.get_close_matches(str(k), sorted(known), n=1)
+                raise bad(str(k), "unknown key", f"did you mean {near[0]!r}?" if near else
+                          "see docs/battery.md for the keys of a battery")
+
+        def num(k: str, default: float, lo: float, hi: float, unit: str = "", *, lo_open: bool = False) -> float:
+            v = data.get(k, default)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise bad(k, f"must be a number, not {v!r}", f"e.g. {k} = {default:g}")
+            v = float(v)
+            if v < lo or v > hi or (lo_open and v == lo):
+                rng = f"{'above' if lo_open else 'from'} {lo:g}{unit} {'up ' if lo_open else ''}to {hi:g}{unit}"
+                raise bad(k, f"{v:g}{unit} is out of range", f"use a value {rng}")
+            return v
+
+        def names(k: str) -> tuple[str, ...]:
+            v = data.get(k, [])
+            if isinstance(v, str):
+                v = [v]
+            if not isinstance(v, (list, tuple)) or not all(isinstance(s, str) and s for s in v):
+                raise bad(k, f"must be a list of sensor names, not {v!r}", f'e.g. {k} = ["solar", "charger"]')
+            return tuple(v)
+
+        name = data.get("name")
+        if not isinstance(name, str) or not name.strip() or len(name) > 64:
+            raise bad("name", "is required (a short name, 1 to 64 characters)", 'e.g. name = "house"')
+        if "capacity_ah" not in data:
+            raise bad("capacity_ah", "is required", "set the battery's rated capacity (20 h rate), e.g. capacity_ah = 200")
+        capacity = num("capacity_ah", 100, 0, 100_000, " Ah", lo_open=True)
+        nominal = num("nominal_v", 12, 0, 1000, " V", lo_open=True)
+        chem_raw = data.get("chemistry", "lead-acid")
+        chem = _CHEMISTRY_ALIASES.get(str(chem_raw).strip().lower().replace(" ", "")) if isinstance(chem_raw, str) else None
+        if chem is None:
+            raise bad("chemistry", f"{chem_raw!r} is not a chemistry we know", 'use "lead-acid" (also AGM, gel) or "lifepo4"')
+        pre = PRESETS[chem]
+        charge, discharge, cable = names("charge"), names("discharge"), names("battery_cable")
+        every = charge + discharge + cable
+        if not every:
+            raise bad("charge", "no meters: a battery needs the meters on its cables",
+                      'list them: charge = ["solar"] and discharge = ["loads"] (or battery_cable = ["shunt"])')
+        dup = sorted({s for s in every if every.count(s) > 1})
+        if dup:
+            raise bad("discharge", f"{', '.join(dup)} listed more than once",
+                      "a meter is either charge, discharge or battery_cable, once")
+        vs = data.get("voltage_sensor", "")
+        if not isinstance(vs, str) or (vs and vs not in every):
+            raise bad("voltage_sensor", f"{vs!r} is not one of this battery's meters ({', '.join(every)})",
+                      "name one of them, or leave it out (the first meter listed)")
+        default_cv = pre["charged_voltage_per_12v"] * nominal / 12.0
+        charged_v = num("charged_voltage_v", 0.0, 0, nominal * 1.5, " V")
+        if charged_v == 0.0:
+            charged_v = round(default_cv, 2)
+        elif charged_v < nominal * 0.95:
+            raise bad("charged_voltage_v", f"{charged_v:g} V is below the nominal {nominal:g} V",
+                      f"set it 0.1 to 0.2 V below the charger's float (lead-acid) or absorption (LiFePO4) voltage, "
+                      f"default {default_cv:.2f} V")
+        floor = num("discharge_floor_pct", pre["discharge_floor_pct"], 0, 99, " %")
+        s = cls(
+            name=name.strip(), capacity_ah=capacity, nominal_v=nominal, chemistry=chem,
+            charge=charge, discharge=discharge, battery_cable=cable, voltage_sensor=vs,
+            charged_voltage_v=charged_v,
+            tail_current_pct=num("tail_current_pct", 4.0, 0.5, 10, " %"),
+            charged_detection_min=num("charged_detection_min", 3.0, 0, 50, " min"),
+            peukert=num("peukert", pre["peukert"], 1.0, 1.5),
+            charge_efficiency_pct=num("charge_efficiency_pct", pre["charge_efficiency_pct"], 50, 100, " %"),
+            current_threshold_a=num("current_threshold_a", 0.1, 0, 2, " A"),
+            ttg_window_min=num("ttg_window_min", 3.0, 0, 12, " min"),
+            discharge_floor_pct=floor,
+            rated_hours=num("rated_hours", 20.0, 1, 100, " h"),
+            max_gap_s=num("max_gap_s", 60.0, 1, 3600, " s"),
+            state_max_age_h=num("state_max_age_h", 24.0, 0, 24 * 365, " h", lo_open=True),
+        )
+        return s
+
+
+def limits(settings: BatterySettings) -> str:
+    """What this battery's meters can and cannot tell, in words (for the start-up log and the docs)."""
+    n = settings.name
+    if settings.battery_cable:
+        meters = ", ".join(settings.battery_cable)
+        return (f"battery {n}: one meter on the battery cable ({meters}). A PZEM-017's current has no sign, so it "
+                f"cannot tell charge from discharge: known are the voltage (and its minimum and maximum), the size "
+                f"of the current and the power, and the throughput (Ah and kWh through the cable, both directions "
+                f"added). Not known: state of charge, time to go, Ah consumed, Ah charged versus discharged, "
+                f"synchronisation. For those, put one meter on the charge side and one on the load side "
+                f"(charge = [...], discharge = [...]).")
+    if not settings.charge:
+        return (f"battery {n}: only load meters ({', '.join(settings.discharge)}): what goes out is measured, what "
+                f"comes in is not, so state of charge, time to go and synchronisation are unknown. Add the "
+                f"charger's or solar's meter to charge = [...].")
+    if not settings.discharge:
+        return (f"battery {n}: only charge meters ({', '.join(settings.charge)}): what comes in is measured, what "
+                f"goes out is not, so state of charge and time to go are unknown. Add the loads' meter to "
+                f"discharge = [...].")
+    return (f"battery {n}: net current = {' + '.join(settings.charge)} - {' - '.join(settings.discharge)}. State of "
+            f"charge is unknown until the first synchronisation (voltage above {settings.charged_voltage_v:g} V and "
+            f"net current below {settings.tail_current_a:g} A for {settings.charged_detection_min:g} min). Current "
+            f"that bypasses these meters (a charger or load wired straight to the battery) is not seen.")
+
+
+def peukert_factor(settings: BatterySettings, current_a: float) -> float:
+    """Ah of rated capacity used per Ah drawn at ``current_a``: (I / I_rated)^(n − 1)."""
+    if current_a <= 0 or settings.peukert == 1.0:
+        return 1.0
+    return (current_a / settings.rated_current_a) ** (settings.peukert - 1.0)
+
+
+@dataclass(frozen=True)
+class BatteryState:
+    """What the monitor knows now. None = unknown (never a guess)."""
+
+    name: str
+    status: BatteryStatus
+    soc_pct: float | None               # state of charge, % (None until synchronised, and after loss)
+    time_to_go_s: float | None          # to the discharge floor at the averaged current (None: not discharging)
+    unknown_reason: str                 # why soc_pct is None ("" when known)
+    voltage_v: float | None
+    current_a: float | None             # net: + into the battery, − out of it (None: a meter is stale)
+    power_w: float | None
+    consumed_ah: float | None           # Ah taken out since the last full charge (charge efficiency applied)
+    charged_ah: float                   # history (counted on the net flow into the battery)
+    discharged_ah: float
+    charged_kwh: float
+    discharged_kwh: float
+    deepest_discharge_ah: float | None
+    last_discharge_ah: float | None
+    average_discharge_ah: float | None
+    full_cycles: float                  # discharged Ah / capacity (equivalent full cycles)
+    synchronisations: int
+    min_voltage_v: float | None
+    max_voltage_v: float | None
+    last_full_ns: int | None            # wall time of the last synchronisation
+    time_since_full_s: float | None
+    stale_sensors: tuple[str, ...] = ()
+
+
+@dataclass
+class _Meter:
+    """Per-meter counting state (see the module docstring for the clamp)."""
+
+    sign: int                       # +1 charge, −1 discharge, 0 battery cable (throughput only)
+    total_wh: float | None = None   # estimate of the meter's internal energy total (counter ≤ it < counter + 1)
+    counter_wh: float | None = None
+    last_ns: int | None = None
+    last_mono: float | None = None  # None after a restore: intervals then come from wall time
+    voltage_v: float | None = None
+    current_a: float = 0.0
+    power_w: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"total_wh": self.total_wh, "counter_wh": self.counter_wh, "last_ns": self.last_ns,
+                "voltage_v": self.voltage_v, "power_w": self.power_w}
+
+
+@dataclass
+class _History:
+    charged_ah: float = 0.0
+    discharged_ah: float = 0.0
+    charged_wh: float = 0.0
+    discharged_wh: float = 0.0
+    through_ah: float = 0.0        # battery_cable meters: both directions added
+    through_wh: float = 0.0
+    deepest_ah: float = 0.0
+    last_depth_ah: float | None = None
+    depth_sum_ah: float = 0.0
+    depth_count: int = 0
+    syncs: int = 0
+    min_v: float | None = None
+    max_v: float | None = None
+    last_full_ns: int | None = None
+
+
+MIN_COUNTED_DEPTH_PCT = 1.0  # discharges shallower than this (float-charge wiggles) do not count in the average
+
+
+class BatteryMonitor:
+    """The estimator for one battery. Not thread-safe: one poller thread feeds it (or hold a lock)."""
+
+    def __init__(self, settings: BatterySettings) -> None:
+        self.settings = settings
+        self._meters: dict[str, _Meter] = {}
+        for n in settings.charge:
+            self._meters[n] = _Meter(sign=+1)
+        for n in settings.discharge:
+            self._meters[n] = _Meter(sign=-1)
+        for n in settings.battery_cable:
+            self._meters[n] = _Meter(sign=0)
+        self.h = _History()
+        self.soc_known = False
+        self.unknown_reason = "not synchronised yet" if settings.can_count else limits(settings)
+        self.used_ah = 0.0          # rated-capacity Ah used since full (Peukert and efficiency applied)
+        self.consumed_ah = 0.0      # Ah taken out since full (efficiency applied, no Peukert)
+        self.cycle_depth_ah = 0.0   # deepest consumed_ah since the last synchronisation
+        self._sync_since: float | None = None
+        self._sync_latched = False
+        self._avg: deque[tuple[float, float]] = deque()
+        self._last_mono: float | None = None
+        self._last_ns: int | None = None
+        self._pending_ah = 0.0      # flow seen while a meter was stale, counted once all are fresh again
+        self._pending_wh = 0.0
+        self.changed = False        # something worth saving happened (cleared by to_state)
+        self.events: list[str] = []  # one-line log events since the last drain (synchronised, lost)
+
+    # --------------------------------------------------------------------------------- feeding
+    def update(self, sensor: str, time_ns: int, mono_s: float, values: Mapping[str, Any],
+               energy_reset: bool = False) -> None:
+        """Feed one meter's decoded reading (voltage_v, current_a, power_w, energy_wh). Readings of meters
+        that are not this battery's are ignored. ``energy_reset``: the poller saw the counter go down."""
+        m = self._meters.get(sensor)
+        if m is None:
+            return
+        try:
+            v = float(values["voltage_v"])
+            i = float(values["current_a"])
+            p = float(values.get("power_w", v * i))
+            e = float(values["energy_wh"])
+        except (KeyError, TypeError, ValueError):
+            return
+        if not all(math.isfinite(x) for x in (v, i, p, e)) or i < 0 or e < 0:
+            return
+        s = self.settings
+        if m.last_mono is not None:
+            dt: float | None = mono_s - m.last_mono
+        elif m.last_ns is not None:
+            dt = (time_ns - m.last_ns) / 1e9
+        else:
+            dt = None
+        if dt is not None and dt < 0:
+            dt = None  # the clock went back: trust the counter alone
+        integrable = dt is not None and dt <= s.max_gap_s
+
+        # ---- energy in this interval: sampled power, clamped into what the counter allows
+        reset = energy_reset or (m.counter_wh is not None and e < m.counter_wh)
+        sampled = (m.power_w + p) / 2 * dt / 3600.0 if integrable and dt is not None else 0.0
+        if m.total_wh is None:
+            delta_wh = 0.0
+            m.total_wh = e + 0.5          # the fraction of a Wh already in the meter is unknown
+        elif reset:
+            delta_wh = sampled
+            m.total_wh = e + min(sampled, 0.999)
+            if not integrable and m.sign != 0:
+                self._lose(f"the energy counter of {sensor} was reset while it was not read "
+                           f"({'unknown' if dt is None else f'{dt:.0f} s'}): what flowed then is unknown")
+        else:
+            new = min(max(m.total_wh + sampled, e), e + 0.999999)
+            delta_wh = new - m.total_wh
+            m.total_wh = new
+        m.counter_wh = e
+        v_mean = (m.voltage_v + v) / 2 if m.voltage_v and m.voltage_v > 0.5 else v
+        delta_ah = delta_wh / v_mean if v_mean > 0.5 else (i * dt / 3600.0 if integrable and dt is not None else 0.0)
+        m.last_ns, m.last_mono, m.voltage_v, m.current_a, m.power_w = time_ns, mono_s, v, i, p
+        self._last_mono, self._last_ns = mono_s, time_ns
+
+        net = self._net_current(mono_s)
+        if m.sign == 0:
+            self.h.through_ah += delta_ah
+            self.h.through_wh += delta_wh
+        elif net is None or self._pending_ah:
+            # a meter is stale (or was, just after a restart): keep the flow until every meter has been read
+            # again, then count the whole gap in the direction of its own net flow (its counters bridged it)
+            self._pending_ah += m.sign * delta_ah
+            self._pending_wh += m.sign * delta_wh
+            if net is not None:
+                ah, wh, self._pending_ah, self._pending_wh = self._pending_ah, self._pending_wh, 0.0, 0.0
+                if ah:
+                    self._count(ah, wh, math.copysign(max(abs(net), s.current_threshold_a), ah))
+        elif abs(net) >= s.current_threshold_a and delta_ah > 0:
+            self._count(m.sign * delta_ah, m.sign * delta_wh, net)
+        if sensor == self._voltage_sensor(mono_s):
+            if v > 0.5:
+                self.h.min_v = v if self.h.min_v is None else min(self.h.min_v, v)
+                self.h.max_v = v if self.h.max_v is None else max(self.h.max_v, v)
+            self._check_sync(v, net, time_ns, mono_s)
+        if net is not None:
+            self._avg.append((mono_s, net))
+        window = s.ttg_window_min * 60.0
+        while self._avg and self._avg[0][0] < mono_s - window:
+            self._avg.popleft()
+
+    def _count(self, ah: float, wh: float, net: float) -> None:
+        """Count a signed flow (+ into the battery) while the net current is ``net``."""
+        s = self.settings
+        if net > 0:
+            self.h.charged_ah += ah
+            self.h.charged_wh += wh
+            stored = ah * s.charge_efficiency_pct / 100.0
+            self.used_ah -= stored
+            self.consumed_ah -= stored
+        else:
+            self.h.discharged_ah -= ah
+            self.h.discharged_wh -= wh
+            self.used_ah -= ah * peukert_factor(s, -net)
+            self.consumed_ah -= ah
+        self.used_ah = min(max(self.used_ah, 0.0), s.capacity_ah)
+        self.consumed_ah = max(self.consumed_ah, 0.0)
+        if self.soc_known:
+            self.cycle_depth_ah = max(self.cycle_depth_ah, self.consumed_ah)
+            self.h.deepest_ah = max(self.h.deepest_ah, self.consumed_ah)
+
+    def _fresh(self, m: _Meter, mono_s: float) -> bool:
+        return m.last_mono is not None and mono_s - m.last_mono <= self.settings.max_gap_s
+
+    def _net_current(self, mono_s: float) -> float | None:
+        """Σ charge − Σ discharge from each meter's latest reading; None if one of them is stale."""
+        net = 0.0
+        for m in self._meters.values():
+            if m.sign == 0:
+                continue
+            if not self._fresh(m, mono_s):
+                return None
+            net += m.sign * m.current_a
+        return net if self.settings.can_count else None
+
+    def _voltage_sensor(self, mono_s: float) -> str:
+        want = self.settings.battery_voltage_sensor
+        m = self._meters.get(want)
+        if m is not None and self._fresh(m, mono_s):
+            return want
+        for name, other in self._meters.items():  # its meter is stale: the next fresh one stands in
+            if self._fresh(other, mono_s):
+                return name
+        return want
+
+    def _check_sync(self, v: float, net: float | None, time_ns: int, mono_s: float) -> None:
+        s = self.settings
+        ok = (net is not None and v > s.charged_voltage_v
+              and -s.current_threshold_a < net < s.tail_current_a)
+        if not ok:
+            self._sync_since = None
+            self._sync_latched = False
+            return
+        if self._sync_since is None:
+            self._sync_since = mono_s
+        if not self._sync_latched and mono_s - self._sync_since >= s.charged_detection_min * 60.0:
+            self._sync_latched = True
+            self.synchronise(time_ns)
+
+    def synchronise(self, time_ns: int) -> None:
+        """Set the state of charge to 100 % (the charged conditions held; also for a manual sync)."""
+        s = self.settings
+        if self.soc_known and self.cycle_depth_ah >= s.capacity_ah * MIN_COUNTED_DEPTH_PCT / 100.0:
+            self.h.last_depth_ah = self.cycle_depth_ah
+            self.h.depth_sum_ah += self.cycle_depth_ah
+            self.h.depth_count += 1
+        was = "" if self.soc_known else f" (was unknown: {self.unknown_reason})"
+        self.soc_known = True
+        self.unknown_reason = ""
+        self.used_ah = self.consumed_ah = self.cycle_depth_ah = 0.0
+        self.h.syncs += 1
+        self.h.last_full_ns = time_ns
+        self.changed = True
+        self.events.append(f"battery {s.name}: synchronised to 100 %{was}")
+
+    def _lose(self, why: str) -> None:
+        if self.soc_known:
+            self.events.append(f"battery {self.settings.name}: state of charge lost ({why}); unknown until the "
+                               f"next full charge")
+        self.soc_known = False
+        self.unknown_reason = f"state lost: {why}"
+        self.used_ah = self.consumed_ah = self.cycle_depth_ah = 0.0
+        self.changed = True
+
+    def drain_events(self) -> list[str]:
+        out, self.events = self.events, []
+        return out
+
+    # --------------------------------------------------------------------------------- reading
+    def snapshot(self, time_ns: int | None = None, mono_s: float | None = None) -> BatteryState:
+        """The state now (``time_ns``/``mono_s`` default to the last reading's)."""
+        s = self.settings
+        mono = self._last_mono if mono_s is None else mono_s
+        now_ns = self._last_ns if time_ns is None else time_ns
+        stale = tuple(n for n, m in self._meters.items() if mono is None or not self._fresh(m, mono))
+        net = self._net_current(mono) if mono is not None else None
+        vm = self._meters.get(self._voltage_sensor(mono)) if mono is not None else None
+        volt = vm.voltage_v if vm is not None and mono is not None and self._fresh(vm, mono) else None
+        if net is None:
+            status: BatteryStatus = "unknown"
+        elif net >= s.current_threshold_a:
+            status = "charging"
+        elif net <= -s.current_threshold_a:
+            status = "discharging"
+        else:
+            status = "idle"
+        soc = 100.0 * (1.0 - self.used_ah / s.capacity_ah) if self.soc_known else None
+        ttg = None
+        if soc is not None and net is not None and self._avg:
+            avg = sum(x for _, x in self._avg) / len(self._avg) if s.ttg_window_min > 0 else net
+            if avg <= -s.current_threshold_a:
+                left_ah = (soc - s.discharge_floor_pct) / 100.0 * s.capacity_ah
+                ttg = max(0.0, left_ah / (-avg * peukert_factor(s, -avg)) * 3600.0)
+        h = self.h
+        return BatteryState(
+            name=s.name, status=status, soc_pct=soc, time_to_go_s=ttg,
+            unknown_reason="" if self.soc_known else self.unknown_reason,
+            voltage_v=volt, current_a=net,
+            power_w=(net * volt if net is not None and volt is not None else None),
+            consumed_ah=self.consumed_ah if self.soc_known else None,
+            charged_ah=h.charged_ah if s.can_count else h.through_ah,
+            discharged_ah=h.discharged_ah,
+            charged_kwh=(h.charged_wh if s.can_count else h.through_wh) / 1000.0,
+            discharged_kwh=h.discharged_wh / 1000.0,
+            deepest_discharge_ah=h.deepest_ah if h.syncs else None,
+            last_discharge_ah=h.last_depth_ah,
+            average_discharge_ah=h.depth_sum_ah / h.depth_count if h.depth_count else None,
+            full_cycles=h.discharged_ah / s.capacity_ah,
+            synchronisations=h.syncs,
+            min_voltage_v=h.min_v, max_voltage_v=h.max_v,
+            last_full_ns=h.last_full_ns,
+            time_since_full_s=((now_ns - h.last_full_ns) / 1e9 if h.last_full_ns is not None and now_ns is not None
+                               else None),
+            stale_sensors=stale,
+        )
+
+    # ---------------------------------------------------------------------------- durable state
+    def to_state(self) -> dict[str, Any]:
+        """The durable part, JSON-able (dcmon.battery_store keeps it). Clears ``changed``."""
+        self.changed = False
+        h = self.h
+        return {
+            "version": STATE_VERSION, "fingerprint": self.settings.fingerprint(),
+            "saved_ns": self._last_ns,
+            "soc_known": self.soc_known, "unknown_reason": self.unknown_reason,
+            "used_ah": self.used_ah, "consumed_ah": self.consumed_ah, "cycle_depth_ah": self.cycle_depth_ah,
+            "sync_latched": self._sync_latched,
+            "pending_ah": self._pending_ah, "pending_wh": self._pending_wh,
+            "history": {k: getattr(h, k) for k in h.__dataclass_fields__},
+            "meters": {n: m.to_dict() for n, m in self._meters.items()},
+        }
+
+    @classmethod
+    def restore(cls, settings: BatterySettings, state: Mapping[str, Any] | None, now_ns: int) -> BatteryMonitor:
+        """A monitor from a saved state. The history is always kept; the state of charge only when the
+        state is recent (``state_max_age_h``) and was made for the same capacity and meters."""
+        mon = cls(settings)
+        if not state:
+            return mon
+        try:
+            hist = state.get("history", {})
+            for k in mon.h.__dataclass_fields__:
+                if k in hist:
+                    setattr(mon.h, k, hist[k])
+            saved_ns = state.get("saved_ns")
+            same = state.get("fingerprint") == settings.fingerprint() and state.get("version") == STATE_VERSION
+            age_s = (now_ns - saved_ns) / 1e9 if isinstance(saved_ns, int) else None
+            meters = state.get("meters", {})
+            if same:
+                for n, m in mon._meters.items():
+                    d = meters.get(n)
+                    if d:
+                        m.total_wh, m.counter_wh, m.last_ns = d["total_wh"], d["counter_wh"], d["last_ns"]
+                        m.voltage_v, m.power_w = d["voltage_v"], d.get("power_w", 0.0)
+            if not state.get("soc_known"):
+                mon.unknown_reason = str(state.get("unknown_reason") or mon.unknown_reason)
+            elif not same:
+                mon._lose("the battery's capacity or meters changed since the state was saved")
+            elif age_s is None or age_s < -60 or age_s > settings.state_max_age_h * 3600.0:
+                mon._lose(f"the saved state is {'of unknown age' if age_s is None else f'{age_s / 3600:.1f} h old'}"
+                          f" (more than state_max_age_h = {settings.state_max_age_h:g})")
+            else:
+                mon.soc_known = True
+                mon.unknown_reason = ""
+                mon.used_ah = float(state["used_ah"])
+                mon.consumed_ah = float(state["consumed_ah"])
+                mon.cycle_depth_ah = float(state.get("cycle_depth_ah", 0.0))
+                mon._sync_latched = bool(state.get("sync_latched", False))
+                mon._pending_ah = float(state.get("pending_ah", 0.0))
+                mon._pending_wh = float(state.get("pending_wh", 0.0))
+        except (KeyError, TypeError, ValueError) as e:
+            log.warning("battery %s: the saved state is unreadable (%s): starting without it", settings.name, e)
+            return cls(settings)
+        mon.events.clear()
+        mon.changed = False
+        return mon
+
+
+def settings_list(tables: Iterable[Mapping[str, Any]], where: str = "config.toml",
+                  sensors: Iterable[str] | None = None) -> list[BatterySettings]:
+    """All ``[[batteries]]`` tables (for the config loader: one line). ``sensors``: the configured sensor
+    names, to check that every meter named exists."""
+    out: list[BatterySettings] = []
+    known = set(sensors) if sensors is not None else None
+    for n, t in enumerate(tables):
+        b = BatterySettings.from_dict(t, where, key=f"batteries[{n}]")
+        if any(o.name == b.name for o in out):
+            raise ConfigError(where, f"batteries[{n}].name", f"{b.name!r} is used twice", "give each battery its own name")
+        if known is not None:
+            missing = [x for x in b.sensors if x not in known]
+            if missing:
+                raise ConfigError(where, f"batteries[{n}]", f"no sensor named {', '.join(map(repr, missing))}",
+                                  f"use the names of [[sensors]]: {', '.join(sorted(known)) or 'none configured'}")
+        out.append(b)
+    return out
+
+
+__all__ = ["BatteryMonitor", "BatterySettings", "BatteryState", "PRESETS", "limits", "peukert_factor",
+           "settings_list"]
