@@ -277,6 +277,7 @@ class _Meter:
 
     sign: int                       # +1 charge, −1 discharge, 0 battery cable (throughput only)
     total_wh: float | None = None   # estimate of the meter's internal energy total (counter ≤ it < counter + 1)
+    phase_known: bool = False       # the counter has stepped since we started: total_wh is pinned to it
     counter_wh: float | None = None
     last_ns: int | None = None
     last_mono: float | None = None  # None after a restore: intervals then come from wall time
@@ -285,7 +286,8 @@ class _Meter:
     power_w: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"total_wh": self.total_wh, "counter_wh": self.counter_wh, "last_ns": self.last_ns,
+        return {"total_wh": self.total_wh, "phase_known": self.phase_known, "counter_wh": self.counter_wh,
+                "last_ns": self.last_ns,
                 "voltage_v": self.voltage_v, "power_w": self.power_w}
 
 
@@ -371,13 +373,23 @@ class BatteryMonitor:
         sampled = (m.power_w + p) / 2 * dt / 3600.0 if integrable and dt is not None else 0.0
         if m.total_wh is None:
             delta_wh = 0.0
-            m.total_wh = e + 0.5          # the fraction of a Wh already in the meter is unknown
+            m.total_wh = float(e)         # the fraction of a Wh already in the meter is not known yet
+            m.phase_known = False
         elif reset:
             delta_wh = sampled
-            m.total_wh = e + min(sampled, 0.999)
+            m.total_wh, m.phase_known = float(e), False
             if not integrable and m.sign != 0:
                 self._lose(f"the energy counter of {sensor} was reset while it was not read "
                            f"({'unknown' if dt is None else f'{dt:.0f} s'}): what flowed then is unknown")
+        elif not m.phase_known:
+            # until the counter first steps, the sampled power is all we have; the step tells where the
+            # meter's fraction of a Wh is (it just passed a whole Wh), and from then on the clamp holds
+            if m.counter_wh is not None and e > m.counter_wh:
+                delta_wh = sampled if integrable else e - m.counter_wh  # after a long gap: the steps
+                m.total_wh, m.phase_known = float(e), True
+            else:  # a counter that does not step caps what the sampled power may add at 1 Wh
+                new = min(m.total_wh + sampled, e + 0.999999)
+                delta_wh, m.total_wh = new - m.total_wh, new
         else:
             new = min(max(m.total_wh + sampled, e), e + 0.999999)
             delta_wh = new - m.total_wh
@@ -550,13 +562,14 @@ class BatteryMonitor:
         )
 
     # ---------------------------------------------------------------------------- durable state
-    def to_state(self) -> dict[str, Any]:
-        """The durable part, JSON-able (dcmon.battery_store keeps it). Clears ``changed``."""
+    def to_state(self, time_ns: int | None = None) -> dict[str, Any]:
+        """The durable part, JSON-able (dcmon.battery_store keeps it), as of ``time_ns`` (default: the last
+        reading's time). Clears ``changed``."""
         self.changed = False
         h = self.h
         return {
             "version": STATE_VERSION, "fingerprint": self.settings.fingerprint(),
-            "saved_ns": self._last_ns,
+            "saved_ns": self._last_ns if time_ns is None else time_ns,
             "soc_known": self.soc_known, "unknown_reason": self.unknown_reason,
             "used_ah": self.used_ah, "consumed_ah": self.consumed_ah, "cycle_depth_ah": self.cycle_depth_ah,
             "sync_latched": self._sync_latched,
@@ -587,6 +600,7 @@ class BatteryMonitor:
                     if d:
                         m.total_wh, m.counter_wh, m.last_ns = d["total_wh"], d["counter_wh"], d["last_ns"]
                         m.voltage_v, m.power_w = d["voltage_v"], d.get("power_w", 0.0)
+                        m.phase_known = bool(d.get("phase_known", False))
             if not state.get("soc_known"):
                 mon.unknown_reason = str(state.get("unknown_reason") or mon.unknown_reason)
             elif not same:

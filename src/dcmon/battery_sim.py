@@ -42,7 +42,7 @@ class BatteryModel:
     efficiency: float = 0.95
     rated_hours: float = 20.0
     soc: float = 0.6                    # true state of charge, 0..1
-    resistance_ohm: float = 0.01        # per 12 V
+    resistance_ohm: float = 0.0         # per 12 V (0: 1 Ω·Ah / capacity, 0.01 Ω for 100 Ah)
     charger_max_a: float = 0.0          # 0 = charger off
     absorption_v: float = 0.0           # per 12 V: the charger's constant-voltage stage (0: 14.4 / LiFePO4 14.2)
     load_a: float = 0.0
@@ -52,6 +52,8 @@ class BatteryModel:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
+        if not self.resistance_ohm:
+            self.resistance_ohm = 1.0 / self.capacity_ah
         if not self.absorption_v:
             self.absorption_v = 14.2 if self.chemistry == "lifepo4" else 14.4
 
