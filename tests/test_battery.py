@@ -533,3 +533,29 @@ def test_through_the_simulator_on_a_pty_with_real_bus_reads():
     assert worst < 2.0, f"worst {worst:.2f} % SoC"
     assert st.time_to_go_s == pytest.approx(model.time_to_floor_s(50.0), rel=0.10)
     assert vals["energy_wh"] == int(vals["energy_wh"]) and vals["energy_wh"] > 0
+
+
+def test_state_fields_leave_unknowns_out_and_keep_types():
+    mon = BatteryMonitor(lead())
+    t = _hold(mon, 0, 60, 12.6, 0.0, 5.0)
+    f = mon.snapshot().fields()
+    assert "soc_pct" not in f and "time_to_go_s" not in f and f["soc_known"] is False
+    assert f["status"] == "discharging" and isinstance(f["current_a"], float) and f["synchronisations"] == 0
+    assert f["unknown_reason"] == "not synchronised yet"
+    _hold(mon, t, 200, 14.0, 2.0, 0.0)
+    f = mon.snapshot().fields()
+    assert isinstance(f["soc_pct"], float) and f["synchronisations"] == 1 and "unknown_reason" not in f
+
+
+def test_energy_reset_field_from_the_poller_is_honoured():
+    rig = _rig_synced()
+    rig.offline = True
+    rig.run(600, check=False)                  # 10 min unread; the counter is reset and climbs past the old value
+    rig.offline = False
+    m = rig.m
+    ns, mono = T0_NS + int(m.t_s * 1e9), m.t_s + rig.mono_offset
+    rig.mon.update("charger", ns, mono, pzem_reading(*m.sample("charge")))
+    vals = pzem_reading(*m.sample("load"))
+    vals["energy_reset"] = True
+    rig.mon.update("loads", ns, mono, vals)
+    assert rig.mon.snapshot().soc_pct is None

@@ -271,6 +271,24 @@ class BatteryState:
     stale_sensors: tuple[str, ...] = ()
 
 
+    def fields(self) -> dict[str, float | int | bool | str]:
+        """For an InfluxDB point / MQTT / HTTP: unknown values are left out (never written as 0); each
+        field keeps one type (floats stay floats)."""
+        out: dict[str, float | int | bool | str] = {"status": self.status, "soc_known": self.soc_pct is not None}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name in ("name", "status", "stale_sensors", "last_full_ns") or v is None:
+                continue
+            if f.name == "unknown_reason":
+                if v:
+                    out[f.name] = v
+            elif isinstance(v, bool) or f.name == "synchronisations":
+                out[f.name] = int(v)
+            else:
+                out[f.name] = float(v)
+        return out
+
+
 @dataclass
 class _Meter:
     """Per-meter counting state (see the module docstring for the clamp)."""
@@ -343,8 +361,9 @@ class BatteryMonitor:
     # --------------------------------------------------------------------------------- feeding
     def update(self, sensor: str, time_ns: int, mono_s: float, values: Mapping[str, Any],
                energy_reset: bool = False) -> None:
-        """Feed one meter's decoded reading (voltage_v, current_a, power_w, energy_wh). Readings of meters
-        that are not this battery's are ignored. ``energy_reset``: the poller saw the counter go down."""
+        """Feed one meter's decoded reading (voltage_v, current_a, power_w, energy_wh; a Reading's fields do).
+        Readings of meters that are not this battery's are ignored. ``energy_reset`` (argument or field): the
+        poller saw the counter go down."""
         m = self._meters.get(sensor)
         if m is None:
             return
@@ -369,7 +388,8 @@ class BatteryMonitor:
         integrable = dt is not None and dt <= s.max_gap_s
 
         # ---- energy in this interval: sampled power, clamped into what the counter allows
-        reset = energy_reset or (m.counter_wh is not None and e < m.counter_wh)
+        reset = (energy_reset or values.get("energy_reset") is True
+                 or (m.counter_wh is not None and e < m.counter_wh))
         sampled = (m.power_w + p) / 2 * dt / 3600.0 if integrable and dt is not None else 0.0
         if m.total_wh is None:
             delta_wh = 0.0
