@@ -403,8 +403,9 @@ class MqttOutput:
             return self._cv.wait_for(lambda: self._connected, timeout_s)
 
     def close(self, timeout_s: float | None = None) -> None:
-        """Stop: publish ``offline`` on the status topic (a clean stop; a crash leaves it to the last
-        will), then disconnect. Waits at most ``timeout_s`` (default mqtt.timeout_s) for the broker."""
+        """Stop: send what is pending (discovery, availability, newest states), publish ``offline`` on the
+        status topic (a clean stop; a crash leaves it to the last will), then disconnect. Waits at most
+        about ``timeout_s`` (default mqtt.timeout_s) for the broker."""
         t = self.settings.timeout_s if timeout_s is None else timeout_s
         with self._cv:
             self._stopping = True
@@ -591,9 +592,9 @@ class MqttOutput:
                 with self._cv:
                     self._cv.wait_for(lambda: self._stopping or self._has_work(), _IDLE_S)
                     self.last_progress = time.monotonic()
-                    if self._stopping:
-                        return
                     if not self._has_work():
+                        if self._stopping:  # close(): what was pending has gone out first
+                            return
                         continue
                     work = self._take_work()
                 self._do(*work)
