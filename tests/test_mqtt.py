@@ -500,7 +500,10 @@ def test_password_and_tls(tmp_path, caplog):
         wrong = start(url=broker.url, username="dcmon", password="wrong-pw", client_id="t-wrong")
         anonymous = start(url=broker.url, client_id="t-anon")
         untrusted = start(url=tls_url, username="dcmon", password=secret, client_id="t-ca")
-        time.sleep(2.0)
+        deadline = time.monotonic() + 15
+        while any(o.last_error == "not connected yet" for o in (wrong, anonymous, untrusted)):
+            assert time.monotonic() < deadline, [o.last_error for o in (wrong, anonymous, untrusted)]
+            time.sleep(0.1)
         for o in (wrong, anonymous):
             assert not o.connected
             with pytest.raises(SinkAuth) as ei:
