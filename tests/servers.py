@@ -156,3 +156,95 @@ class VictoriaMetrics(_Server):
             if rows or time.monotonic() > deadline:
                 return rows
             time.sleep(0.2)
+
+
+def make_ca(workdir: Path, names: tuple[str, ...] = ("localhost", "127.0.0.1")) -> dict[str, Path]:
+    """A throw-away CA and a server certificate for ``names`` (DNS names or IP addresses), made with the
+    openssl command line. Returns the paths: ca, cert, key."""
+    if not shutil.which("openssl"):
+        raise RuntimeError("openssl not installed: apt-get install openssl")
+    workdir.mkdir(parents=True, exist_ok=True)
+    ca, ca_key = workdir / "ca.crt", workdir / "ca.key"
+    cert, key, csr, ext = workdir / "server.crt", workdir / "server.key", workdir / "server.csr", workdir / "san.ext"
+    sans = ",".join(f"IP:{n}" if n.replace(".", "").isdigit() else f"DNS:{n}" for n in names)
+    ext.write_text(f"subjectAltName={sans}\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+                   "extendedKeyUsage=serverAuth\n")
+
+    def run(*argv: str) -> None:
+        subprocess.run(["openssl", *argv], check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(ca), "-days", "2",
+        "-subj", "/CN=dcmon test CA", "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={names[0]}")
+    run("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial", "-out", str(cert),
+        "-days", "2", "-extfile", str(ext))
+    return {"ca": ca, "cert": cert, "key": key}
+
+
+class Mosquitto(_Server):
+    """Debian's mosquitto on loopback, with persistence in a temporary directory (so that ``stop()`` and
+    ``start()`` keep retained messages and persistent sessions, like a real broker restart). Optional:
+    ``users`` ({name: password}, written with mosquitto_passwd; anonymous clients are then refused) and
+    ``tls`` (make_ca's paths: adds a TLS listener on ``tls_port``)."""
+
+    def __init__(self, workdir: Path, *, users: dict[str, str] | None = None,
+                 tls: dict[str, Path] | None = None) -> None:
+        if not shutil.which("mosquitto"):
+            raise RuntimeError("mosquitto not installed: apt-get install mosquitto mosquitto-clients")
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.tls_port = free_port() if tls else 0
+        self.url = f"mqtt://127.0.0.1:{self.port}"
+        self.users = dict(users or {})
+        self.proc: subprocess.Popen | None = None
+        self.conf = self.dir / "mosquitto.conf"
+        lines = [
+            f"persistence true", f"persistence_location {self.dir}/", "autosave_interval 1",
+            "log_dest stdout", "log_type error", "log_type warning", "log_type notice",
+            f"listener {self.port} 127.0.0.1",
+        ]
+        if os.geteuid() == 0:
+            lines.insert(0, "user root")  # else mosquitto drops to user "mosquitto", who cannot read self.dir
+        if self.users:
+            pw = self.dir / "passwd"
+            pw.write_text("")
+            for name, password in self.users.items():
+                subprocess.run(["mosquitto_passwd", "-b", str(pw), name, password], check=True, capture_output=True)
+            lines += ["allow_anonymous false", f"password_file {pw}"]
+        else:
+            lines += ["allow_anonymous true"]
+        if tls:
+            lines += [f"listener {self.tls_port} 127.0.0.1", f"cafile {tls['ca']}", f"certfile {tls['cert']}",
+                      f"keyfile {tls['key']}"]
+        self.conf.write_text("\n".join(lines) + "\n")
+
+    def start(self) -> Mosquitto:
+        log = self.dir / "mosquitto.log"
+        self.proc = subprocess.Popen(["mosquitto", "-c", str(self.conf)], stdout=log.open("ab"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 15
+        ports = [p for p in (self.port, self.tls_port) if p]
+        while ports:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mosquitto exited with {self.proc.returncode}: {log.read_text()[-2000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", ports[0]), timeout=0.5):
+                    ports.pop(0)
+                    continue
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mosquitto did not listen on {ports} in 15 s: {log.read_text()[-2000:]}")
+            time.sleep(0.05)
+        return self
+
+    def client_args(self, user: str | None = None) -> list[str]:
+        """Host, port (and credentials) for mosquitto_sub / mosquitto_pub."""
+        args = ["-h", "127.0.0.1", "-p", str(self.port)]
+        if user is None and self.users:
+            user = next(iter(self.users))
+        if user:
+            args += ["-u", user, "-P", self.users[user]]
+        return args
