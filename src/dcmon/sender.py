@@ -7,8 +7,8 @@ What it does with each answer (see dcmon.influx for the classification):
                            which, split the batch in halves until the bad lines are alone. Re-sending lines a
                            1.x "partial write" already stored is harmless: same series + timestamp overwrite;
 - SinkTooLarge (413)     → split the batch and send smaller batches; after each success the batch size
-                           doubles again, up to ``batch_lines``, but for 10 min not back to a size the
-                           server refused (so a server with a lower limit costs one 413 per 10 min);
+                           doubles again, up to ``batch_lines``; for 10 min after a 413 only up to the
+                           largest batch taken since (a server with a lower limit costs a 413 per 10 min);
 - SinkAuth (401/403/404) → keep everything, retry with back-off (the user may fix it while we run);
 - SinkRetryable          → keep everything, back off exponentially (1 s doubling, capped at 60 s),
                            or as long as the server's Retry-After says (capped at 10 min). When the server
@@ -55,7 +55,8 @@ class Sender:
         self.sink = sink
         self.batch_lines = max(1, int(batch_lines))
         self.max_batch_lines = self.batch_lines  # what the config asks; 413s lower batch_lines for a while
-        self._refused: tuple[int, float] | None = None  # (smallest size refused with 413, until monotonic)
+        self._refused: tuple[int, float] | None = None  # (size refused with 413, until monotonic)
+        self._good = 0              # the largest batch taken since the last 413
         self._probe = False         # backing off from an unreachable server: probe it with /ping
         self._next_probe = 0.0
         self.min_backoff_s = min_backoff_s
@@ -101,6 +102,8 @@ class Sender:
                     self._failed(e)
             if self.sink is not None and self._probe and self._retry_at > time.monotonic():
                 self._maybe_probe()
+                if self._retry_at <= time.monotonic():
+                    continue  # it is back: send now
             if self._not_before() > time.monotonic():
                 wait = min(wait, self._not_before() - time.monotonic()) if self.sink is not None else wait
                 if self._probe:
@@ -235,6 +238,10 @@ class Sender:
         try:
             while stack:
                 part = stack.pop()
+                if len(part) > self.batch_lines:  # a half left over from before a 413: the smaller size
+                    n = self.batch_lines
+                    stack += [part[i:i + n] for i in range(0, len(part), n)][::-1]
+                    continue
                 try:
                     self.sink.write([line for _, line in part])
                 except SinkPermanent as e:
@@ -256,8 +263,8 @@ class Sender:
                         continue
                     mid = len(part) // 2
                     now = time.monotonic()
-                    if self._refused is None or now >= self._refused[1] or len(part) < self._refused[0]:
-                        self._refused = (len(part), now + REFUSED_MEMORY_S)
+                    self._refused = (len(part), now + REFUSED_MEMORY_S)
+                    self._good = 0
                     if mid < self.batch_lines:
                         log.info("%s: batch of %d lines too large (413); sending at most %d lines per batch "
                                  "(growing back after successes)", self._where, len(part), mid)
@@ -267,20 +274,21 @@ class Sender:
                 self.spool.ack([rid for rid, _ in part], defer=True)
                 self.sent_points += len(part)
                 self._drain_sent += len(part)
+                self._good = max(self._good, len(part))
                 self._grow_batch()
         finally:
             if refused:
                 self._log_refused(refused, len(rows), reasons)
 
     def _grow_batch(self) -> None:
-        """After a success: double the batch size, up to the configured one, but not (for a while) back to
-        a size the server refused."""
+        """After a success: double the batch size, up to the configured one; for REFUSED_MEMORY_S after a 413
+        only up to the largest batch the server took since (so a lower server limit costs one 413 then)."""
         if self.batch_lines >= self.max_batch_lines:
             return
         limit = self.max_batch_lines
         if self._refused is not None:
             if time.monotonic() < self._refused[1]:
-                limit = min(limit, self._refused[0] - 1)
+                limit = min(limit, max(self._good, self.batch_lines))
             else:
                 self._refused = None
         new = min(limit, self.batch_lines * 2)
