@@ -11,6 +11,9 @@
    put, sent and acked) and down (each cycle is only put). Each case runs in a child process so that
    /proc/self/io counts only its own writes: ``wchar`` = bytes handed to write() (what SQLite wrote: WAL
    frames and checkpoints), ``write_bytes`` = bytes the kernel accounted to the block layer.
+3. The WAL bound (issue 19): the same write cost with the WAL checkpointed at 256 pages (1 MiB, shipped:
+   the WAL is counted against the cap, so it must stay small) beside 1000 pages (SQLite's default, 4 MiB,
+   what the spool used before), side by side in the same run.
 
     .venv/bin/python bench/bench_spool.py               # the full run (a few minutes)
     .venv/bin/python bench/bench_spool.py --quick        # smoke test: 20,000 lines, 300 cycles
@@ -150,11 +153,12 @@ def _io() -> dict[str, int]:
     return out
 
 
-def cost_child(durability: str, online: str, cycles: str, path: str) -> None:
+def cost_child(durability: str, online: str, cycles: str, path: str, wal_pages: str = "0") -> None:
     """Runs in its own process: ``cycles`` poll cycles of 8 readings, as fast as they go. Prints JSON."""
     n = int(cycles)
     lines = readings(n * METERS, time.time_ns())
-    spool = Spool.open(Path(path), max_bytes=256 << 20, max_age_s=365 * 86400, durability=durability)
+    extra = {"wal_pages": int(wal_pages)} if int(wal_pages) else {}
+    spool = Spool.open(Path(path), max_bytes=256 << 20, max_age_s=365 * 86400, durability=durability, **extra)
     sender = Sender(spool, NullSink())  # type: ignore[arg-type]
     commits = [0]
     spool._db.set_trace_callback(  # type: ignore[union-attr]  # count the transactions SQLite commits
@@ -209,8 +213,33 @@ def write_cost(cycles: int, work: Path) -> None:
           "fast run lets the kernel merge rewrites of the same WAL pages, so this is a lower bound)")
 
 
+def wal_bound_cost(cycles: int, work: Path) -> None:
+    """The WAL bound's price: the shipped 256-page WAL beside SQLite's 1000-page default, same run."""
+    from dcmon.spool import WAL_PAGES
+
+    print(f"\n== WAL bound: write cost with the WAL checkpointed at {WAL_PAGES} pages (shipped) vs 1000 "
+          f"(SQLite's default, before), durability process, {cycles} cycles ==")
+    print(f"{'WAL pages':<10} {'InfluxDB':<8} {'wchar/reading':>14} {'block/reading':>14} {'MB/day (wchar)':>15}")
+    res: dict[tuple[int, str], float] = {}
+    for online in ("up", "down"):
+        for pages in (WAL_PAGES, 1000):
+            db = work / f"wal-{pages}-{online}.sqlite"
+            cmd = [sys.executable, str(Path(__file__).resolve()), "_cost", "process", online, str(cycles), str(db),
+                   str(pages)]
+            r = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            out = json.loads(r.stdout.strip().splitlines()[-1])
+            n = out["readings"]
+            res[(pages, online)] = out["wchar"] / n
+            print(f"{pages:<10} {online:<8} {out['wchar'] / n:>14,.0f} {out['write_bytes'] / n:>14,.0f} "
+                  f"{out['wchar'] / n * METERS * 86400 / 1e6:>15,.0f}")
+    for online in ("up", "down"):
+        a, b = res[(WAL_PAGES, online)], res[(1000, online)]
+        print(f"RATIO WAL bound cost, InfluxDB {online}: {a:,.0f} / {b:,.0f} bytes per reading = {a / b:.2f}x "
+              f"({a - b:+,.0f} bytes per reading)")
+
+
 def main() -> None:
-    if len(sys.argv) == 6 and sys.argv[1] == "_cost":
+    if len(sys.argv) in (6, 7) and sys.argv[1] == "_cost":
         cost_child(*sys.argv[2:])
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -232,6 +261,7 @@ def main() -> None:
             backfill(args.lines, work)
         if not args.skip_cost:
             write_cost(args.cycles, work)
+            wal_bound_cost(args.cycles, work)
     finally:
         if not args.dir:
             shutil.rmtree(work, ignore_errors=True)

@@ -18,6 +18,8 @@
 #   /var/lib/dcmon                    the spool (StateDirectory of the unit; dcmon:dcmon 0750)
 #   /etc/systemd/system/dcmon.service replaced on upgrade; local changes go in a drop-in (systemctl edit)
 #   /etc/udev/rules.d/99-dcmon-serial.rules   installed only if absent (you edit it for your adapters)
+#   systemd-time-wait-sync.service    enabled where it exists (dcmon starts once the clock is synchronised),
+#                                     bounded to 2 min by .../systemd-time-wait-sync.service.d/dcmon-bounded.conf
 #   /usr/local/bin/dcmon              a link to /opt/dcmon/venv/bin/dcmon
 #
 # Idempotent: a second run with the same checkout changes nothing and says "0 changes". An upgrade keeps
@@ -69,6 +71,9 @@ fi
 readonly OPT=/opt/dcmon VENV=/opt/dcmon/venv ETC=/etc/dcmon STATE=/var/lib/dcmon
 readonly UNIT=/etc/systemd/system/dcmon.service RULE=/etc/udev/rules.d/99-dcmon-serial.rules
 readonly LINK=/usr/local/bin/dcmon STAMP=/opt/dcmon/.installed-source
+readonly WAITSYNC=systemd-time-wait-sync.service
+readonly WAITSYNC_DIR=/etc/systemd/system/systemd-time-wait-sync.service.d
+readonly WAITSYNC_DROPIN=$WAITSYNC_DIR/dcmon-bounded.conf WAITSYNC_MARK=$WAITSYNC_DIR/.enabled-by-dcmon
 P=$PREFIX
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -285,6 +290,29 @@ install_unit() {
   fi
 }
 
+# Wait for a synchronised clock at boot where systemd offers it (and bound that wait). Left alone when the
+# system has no systemd-time-wait-sync.service: dcmon holds readings itself until the clock can be trusted.
+install_time_sync() {
+  local d found=""
+  for d in /lib/systemd/system /usr/lib/systemd/system; do
+    [ -f "$P$d/$WAITSYNC" ] && found=$d/$WAITSYNC
+  done
+  if [ -z "$found" ] || [ "${NO_SYSTEMD:-0}" -eq 1 ]; then
+    say "no $WAITSYNC here: dcmon starts without waiting for NTP and holds readings until the clock is set"
+    return 0
+  fi
+  if copy_if_changed "$SRC/deploy/time-wait-sync-bounded.conf" "$P$WAITSYNC_DROPIN" 644 && systemd_running; then
+    systemctl daemon-reload
+  fi
+  local sc=(systemctl)
+  [ -z "$PREFIX" ] || sc=(systemctl --root="$PREFIX")
+  if ! "${sc[@]}" --quiet is-enabled "$WAITSYNC" 2>/dev/null; then
+    "${sc[@]}" --quiet enable "$WAITSYNC"
+    : > "$P$WAITSYNC_MARK"
+    changed "enabled $WAITSYNC (dcmon starts once the clock is synchronised, or after at most 2 minutes)"
+  fi
+}
+
 install_udev_rule() {
   local shipped="$SRC/deploy/99-dcmon-serial.rules"
   if [ ! -e "$P$RULE" ]; then
@@ -326,6 +354,7 @@ do_install() {
   install_package
   install_link
   install_unit
+  install_time_sync
   install_udev_rule
   start_service
   if [ "$CHANGES" -eq 0 ]; then
@@ -354,6 +383,21 @@ do_uninstall() {
       systemctl daemon-reload
     fi
     changed "removed dcmon.service"
+  fi
+  if [ -e "$P$WAITSYNC_DROPIN" ]; then
+    if [ -e "$P$WAITSYNC_MARK" ] && command -v systemctl >/dev/null; then  # enabled by us: disable again
+      if [ -n "$PREFIX" ]; then
+        systemctl --root="$PREFIX" --quiet disable "$WAITSYNC" 2>/dev/null || true
+      else
+        systemctl --quiet disable "$WAITSYNC" 2>/dev/null || true
+      fi
+    fi
+    rm -f "$P$WAITSYNC_DROPIN" "$P$WAITSYNC_MARK"
+    rmdir "$P$WAITSYNC_DIR" 2>/dev/null || true
+    if systemd_running; then
+      systemctl daemon-reload
+    fi
+    changed "removed the bounded wait for $WAITSYNC"
   fi
   if [ -e "$P$RULE" ]; then
     if [ "$PURGE" -eq 1 ] || cmp -s "$SRC/deploy/99-dcmon-serial.rules" "$P$RULE"; then

@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 UNIT = DEPLOY / "dcmon.service"
 RULES = DEPLOY / "99-dcmon-serial.rules"
+WAITSYNC_UNIT = Path("/lib/systemd/system/systemd-time-wait-sync.service")  # from the systemd package
 
 
 def need(tool: str, package: str) -> str:
@@ -89,6 +90,10 @@ def seed_root(root: Path) -> None:
     (etc / "shadow").chmod(0o640)
     (etc / "gshadow").chmod(0o640)
     (etc / "os-release").write_text('PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nID=debian\nVERSION_ID="12"\n')
+    # systemd's own systemd-time-wait-sync.service, as a Debian root has it (install.sh enables it)
+    units = root / "lib/systemd/system"
+    units.mkdir(parents=True)
+    shutil.copy2(WAITSYNC_UNIT, units / WAITSYNC_UNIT.name)
 
 
 def snapshot_source(dest: Path) -> Path:
@@ -176,6 +181,11 @@ def test_prefix_install_layout(installed):
     wants = root / "etc/systemd/system/multi-user.target.wants/dcmon.service"
     assert wants.is_symlink() and os.readlink(wants) == "/etc/systemd/system/dcmon.service"
     assert (root / "etc/udev/rules.d/99-dcmon-serial.rules").read_bytes() == RULES.read_bytes()
+    # the boot waits for a synchronised clock, for at most 2 minutes
+    waitsync = root / "etc/systemd/system/sysinit.target.wants/systemd-time-wait-sync.service"
+    assert waitsync.is_symlink(), "install.sh must enable systemd-time-wait-sync.service where it exists"
+    dropin = root / "etc/systemd/system/systemd-time-wait-sync.service.d/dcmon-bounded.conf"
+    assert unit_settings(dropin.read_text())["TimeoutStartSec"] == ["2min"]
     assert os.readlink(root / "usr/local/bin/dcmon") == "/opt/dcmon/venv/bin/dcmon"
 
     py = root / "opt/dcmon/venv/bin/python"
@@ -236,6 +246,8 @@ def test_uninstall_keeps_data_then_purge_removes_it(installed):
     assert not (root / "etc/systemd/system/multi-user.target.wants/dcmon.service").is_symlink()
     assert not (root / "usr/local/bin/dcmon").is_symlink()
     assert not (root / "etc/udev/rules.d/99-dcmon-serial.rules").exists()
+    assert not (root / "etc/systemd/system/systemd-time-wait-sync.service.d").exists()
+    assert not (root / "etc/systemd/system/sysinit.target.wants/systemd-time-wait-sync.service").is_symlink()
     assert (root / "etc/dcmon/config.local.toml").read_text() == '[influxdb]\ntoken = "s3cret"\n'
     assert (root / "var/lib/dcmon/spool.sqlite").exists()
     assert installed.entry("passwd", "dcmon") is not None
@@ -319,6 +331,9 @@ def test_unit_has_the_contract_with_the_poller():
     for dev in ("ttyUSB", "ttyAMA", "ttyS", "ttyACM"):
         assert f"char-{dev} rw" in s["DeviceAllow"]
     assert one["RestrictAddressFamilies"] == "AF_UNIX AF_INET AF_INET6"
+    # started after time-sync.target (which install.sh makes mean "synchronised", bounded), never Requires=
+    assert "time-sync.target" in " ".join(s["After"])
+    assert "time-sync.target" not in " ".join(s.get("Requires", []) + s.get("Requisite", []) + s.get("BindsTo", []))
 
 
 @pytest.fixture(scope="module")

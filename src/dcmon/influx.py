@@ -9,12 +9,26 @@ Classification (what the sender does with each):
 - 401 / 403 / 404           → SinkAuth: credentials, org, bucket or database wrong; keep the data
 - 413                       → SinkTooLarge: split the batch
 - 429 / 5xx / network error → SinkRetryable, with Retry-After when the server sent it
-The token and password never appear in a message: httpx errors are reduced to their class and the host.
+The token and password never appear in a message: httpx errors are reduced to their class and the host,
+and user-info in a URL (``http://user:pw@host``: the config refuses it, this is belt and braces) is
+redacted by ``redact_url`` wherever a URL is printed or stored (``where``, the sender's errors).
+
+One deadline for the whole request: httpx's ``timeout`` applies to each read and each write, so a server
+that trickles a byte a second would hold a write forever. ``_Deadline`` watches every request: past
+``timeout_s`` in all it shuts the request's socket down (found through httpx's public ``trace`` extension
+when the connection is made), the blocked read returns at once, and the write fails as retryable: "no
+complete answer within N s". ``ping()`` (``GET /ping``, which InfluxDB 1.x/2.x and VictoriaMetrics answer
+without credentials) is the sender's cheap probe while it backs off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
+import socket
+import threading
+import time
+import weakref
 from email.utils import parsedate_to_datetime
 from datetime import datetime, timezone
 
@@ -24,6 +38,64 @@ from .config import InfluxConfig
 from .errors import SinkAuth, SinkError, SinkPermanent, SinkRetryable, SinkTooLarge
 
 _LINE_RE = re.compile(r"line (\d+)")
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s]*@")
+PING_TIMEOUT_S = 2.0
+
+
+def redact_url(text: str) -> str:
+    """``http://user:secret@host`` → ``http://***@host`` in a URL or any text holding URLs."""
+    return _USERINFO.sub(r"\1***@", text)
+
+
+class _Deadline:
+    """Bounds a whole request: one watcher thread (started on first use, idle between requests) shuts down
+    the sockets of the sink's connections when an armed deadline passes. Only one request is in flight
+    per sink (the sender serialises them), so shutting down all of them is shutting down that one."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._socks: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+        self._at: float | None = None
+        self._thread: threading.Thread | None = None
+        self.fired = False
+
+    def trace(self, event: str, info: dict) -> None:
+        """httpx trace extension: remember the socket of each new connection."""
+        if event == "connection.connect_tcp.complete":
+            stream = info.get("return_value")
+            sock = stream.get_extra_info("socket") if stream is not None else None
+            if sock is not None:
+                with self._cond:
+                    self._socks.add(sock)
+
+    def arm(self, seconds: float) -> None:
+        with self._cond:
+            self._at, self.fired = time.monotonic() + seconds, False
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="influx-deadline", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def disarm(self) -> None:
+        with self._cond:
+            self._at = None
+
+    def _run(self) -> None:
+        while True:
+            try:
+                with self._cond:
+                    while self._at is None:
+                        self._cond.wait()
+                    left = self._at - time.monotonic()
+                    if left > 0:
+                        self._cond.wait(left)
+                        continue
+                    self._at, self.fired = None, True
+                    for sock in list(self._socks):
+                        with contextlib.suppress(OSError):
+                            sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked recv/send in the request
+            except Exception:  # noqa: BLE001 - the watcher must outlive anything (it guards every request)
+                time.sleep(0.1)
 
 
 class InfluxSink:
@@ -46,7 +118,8 @@ class InfluxSink:
                 auth = httpx.BasicAuth(cfg.username, cfg.password)
             elif cfg.token:  # InfluxDB 2.x/3.x v1-compatibility with a token
                 headers["Authorization"] = f"Token {cfg.token}"
-        self.where = f"InfluxDB at {cfg.url}"
+        self.where = f"InfluxDB at {redact_url(cfg.url)}"
+        self._deadline = _Deadline()
         self._client = httpx.Client(base_url=cfg.url, timeout=cfg.timeout_s, verify=verify, auth=auth, headers=headers)
 
     def close(self) -> None:
@@ -55,13 +128,33 @@ class InfluxSink:
     def write(self, lines: list[str]) -> None:
         """Write one batch. Returns on success, raises a SinkError subclass otherwise."""
         body = ("\n".join(lines) + "\n").encode()
-        try:
-            r = self._client.post(self.path, params=self.params, content=body)
-        except httpx.TimeoutException:
-            raise SinkRetryable(f"{self.where}: no answer within {self.cfg.timeout_s:g} s") from None
-        except httpx.TransportError as e:
-            raise SinkRetryable(f"{self.where}: {_reason(e)}") from None
+        r = self._request("POST", self.path, self.cfg.timeout_s, params=self.params, content=body)
         self._classify(r)
+
+    def ping(self) -> bool:
+        """Is the server there? ``GET /ping`` with a short deadline; any HTTP answer below 500 is yes."""
+        try:
+            r = self._request("GET", "/ping", min(PING_TIMEOUT_S, self.cfg.timeout_s))
+        except SinkError:
+            return False
+        return r.status_code < 500
+
+    def _request(self, method: str, path: str, limit: float, **kw: object) -> httpx.Response:
+        """One request, bounded as a whole by ``limit`` seconds (connect, send, every read)."""
+        dl = self._deadline
+        dl.arm(limit)
+        try:
+            return self._client.request(method, path, timeout=min(limit, self.cfg.timeout_s),
+                                        extensions={"trace": dl.trace}, **kw)  # type: ignore[arg-type]
+        except httpx.TimeoutException:
+            raise SinkRetryable(f"{self.where}: no answer within {limit:g} s") from None
+        except httpx.TransportError as e:
+            if dl.fired:
+                raise SinkRetryable(f"{self.where}: no answer within {limit:g} s (the whole request; the "
+                                    f"server was answering too slowly)") from None
+            raise SinkRetryable(f"{self.where}: {_reason(e)}") from None
+        finally:
+            dl.disarm()
 
     def _classify(self, r: httpx.Response) -> None:
         s = r.status_code

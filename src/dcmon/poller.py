@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Callable
 
 from .bus import Bus
 from .calibration import apply_calibration
+from .clock import Clock
 from .config import Config, SensorConfig, load
 from .errors import BusError, DcmonError, DeviceError, PortNotFound, SinkError
 from .meter import read_values, set_shunt
@@ -90,8 +91,9 @@ class Poller:
     def __init__(self, cfg: Config, *, put: Callable[[list[str]], None], buses: dict[str, Bus] | None = None,
                  on_reading: Callable[[Reading], None] | None = None, settle_on_start: bool = False,
                  retrying: bool = True, hint_simulate: bool = False,
-                 progress: Callable[[str], None] | None = None) -> None:
+                 progress: Callable[[str], None] | None = None, clock: Clock | None = None) -> None:
         self.cfg = cfg
+        self.clock = clock  # dcmon.clock: stamps (provisional while the wall clock is not trusted); None = wall
         self.put = put
         self.on_reading = on_reading
         self.host = cfg.host
@@ -156,11 +158,11 @@ class Poller:
         except (BusError, DeviceError) as e:
             st.polls_failed += 1
             msg = str(e)
-            if st.up is not False or st.last_error != msg:
+            if st.up is not False or st.last_error.split(" (")[0] != msg.split(" (")[0]:  # not per hex dump
                 log.warning("%s: %s", who, msg)
             st.up, st.last_error = False, msg
             return None
-        now_ns = time.time_ns()
+        now_ns = self.clock.stamp_ns() if self.clock else time.time_ns()
         mono = time.monotonic()
         st.latency_ms = (mono - t0) * 1000.0
         st.polls_ok += 1
@@ -341,7 +343,7 @@ def format_reading(r: Reading) -> str:
 
 
 def run(cfg: Config, *, simulate: bool = False, once: bool = False, echo: bool = False,
-        stop: threading.Event | None = None, hint_simulate: bool = False) -> int:
+        stop: threading.Event | None = None, hint_simulate: bool = False, clock: Clock | None = None) -> int:
     """The main job. Returns the exit status."""
     from .influx import InfluxSink
     from .sender import Sender
@@ -349,8 +351,9 @@ def run(cfg: Config, *, simulate: bool = False, once: bool = False, echo: bool =
 
     stop = stop or threading.Event()
     sims = start_simulators(cfg) if simulate else []
+    clock = clock or Clock()  # one clock for stamps and the spool (held readings, the age cap)
     spool = Spool.open(cfg.resolve(cfg.spool.path), max_bytes=cfg.spool.max_bytes,
-                       max_age_s=cfg.spool.max_age_days * 86400, durability=cfg.spool.durability)
+                       max_age_s=cfg.spool.max_age_days * 86400, durability=cfg.spool.durability, clock=clock)
     sink = InfluxSink(cfg.influxdb) if cfg.influxdb.enabled else None
     sender = Sender(spool, sink, batch_lines=cfg.spool.batch_lines)
 
@@ -363,7 +366,7 @@ def run(cfg: Config, *, simulate: bool = False, once: bool = False, echo: bool =
 
     watchdog = Watchdog.from_env(loops=["send"])
     poller = Poller(cfg, put=put, on_reading=show if (echo or once) else None, retrying=not once,
-                    hint_simulate=hint_simulate, progress=watchdog.progress)
+                    hint_simulate=hint_simulate, progress=watchdog.progress, clock=clock)
     for name in poller.buses:
         watchdog.register(f"poll:{name}")
     if not poller.states:
@@ -460,7 +463,7 @@ def _run_forever(cfg: Config, poller: Poller, sender: Sender, spool: Spool, stop
 
 def _stats_dict(stats: SpoolStats) -> dict[str, object]:
     return {k: getattr(stats, k) for k in ("depth", "bytes", "oldest_time_ns", "dropped_total", "lost_total",
-                                           "quarantined", "last_error")}
+                                           "quarantined", "last_error", "held")}
 
 
 def _write_status(path: Path, data: dict[str, object]) -> None:

@@ -6,11 +6,17 @@ What it does with each answer (see dcmon.influx for the classification):
                            bad line: "unable to parse '...'"), re-send the rest; when the server does not say
                            which, split the batch in halves until the bad lines are alone. Re-sending lines a
                            1.x "partial write" already stored is harmless: same series + timestamp overwrite;
-- SinkTooLarge (413)     → split the batch, and keep the smaller batch size from then on;
+- SinkTooLarge (413)     → split the batch and send smaller batches; after each success the batch size
+                           doubles again, up to ``batch_lines``; for 10 min after a 413 only up to the
+                           largest batch taken since (a server with a lower limit costs a 413 per 10 min);
 - SinkAuth (401/403/404) → keep everything, retry with back-off (the user may fix it while we run);
 - SinkRetryable          → keep everything, back off exponentially (1 s doubling, capped at 60 s),
-                           or as long as the server's Retry-After says (capped at 10 min).
-It logs one line per state change (down, back up, backlog drained, lines quarantined), never per batch.
+                           or as long as the server's Retry-After says (capped at 10 min). When the server
+                           could not be reached at all (refused, timed out), it is probed with a cheap
+                           ``GET /ping`` every ``PROBE_INTERVAL_S`` meanwhile: the backlog starts draining
+                           within seconds of the server's return, not up to a minute later.
+It logs one line per state change (down, back up, backlog drained) and one per batch that had lines
+quarantined (with the count), never one per line.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from .errors import SinkAuth, SinkError, SinkPermanent, SinkRetryable, SinkTooLarge
-from .influx import InfluxSink
+from .influx import InfluxSink, redact_url
 from .spool import Spool
 
 log = logging.getLogger(__name__)
@@ -31,6 +37,8 @@ ACK_DEFER_S = 5.0           # acks ride on the next put's commit; when idle, com
 IDLE_TICK_S = 5.0           # look at the spool this often even without a poke (e.g. after `quarantine retry`)
 STOP_SLICE_S = 1.0          # how promptly run() notices its stop event without a poke (wake-ups cost CPU on a Pi Zero)
 MAX_RETRY_AFTER_S = 600.0   # a server asking for a longer pause than this is not believed
+PROBE_INTERVAL_S = 2.0      # while backing off from an unreachable server, GET /ping this often
+REFUSED_MEMORY_S = 600.0    # after a 413, do not grow back to the refused batch size for this long
 _QUOTED = re.compile(r"unable to parse '(.+?)': ")
 
 
@@ -46,6 +54,11 @@ class Sender:
         self.spool = spool
         self.sink = sink
         self.batch_lines = max(1, int(batch_lines))
+        self.max_batch_lines = self.batch_lines  # what the config asks; 413s lower batch_lines for a while
+        self._refused: tuple[int, float] | None = None  # (size refused with 413, until monotonic)
+        self._good = 0              # the largest batch taken since the last 413
+        self._probe = False         # backing off from an unreachable server: probe it with /ping
+        self._next_probe = 0.0
         self.min_backoff_s = min_backoff_s
         self.max_backoff_s = max_backoff_s
         self.min_send_interval_s = max(0.0, min_send_interval_s)
@@ -87,8 +100,14 @@ class Sender:
                 except Exception as e:  # noqa: BLE001 - the thread must outlive a failing server or disk
                     log.debug("send failed", exc_info=not isinstance(e, SinkError))
                     self._failed(e)
+            if self.sink is not None and self._probe and self._retry_at > time.monotonic():
+                self._maybe_probe()
+                if self._retry_at <= time.monotonic():
+                    continue  # it is back: send now
             if self._not_before() > time.monotonic():
                 wait = min(wait, self._not_before() - time.monotonic()) if self.sink is not None else wait
+                if self._probe:
+                    wait = min(wait, max(0.05, self._next_probe - time.monotonic()))
             if self._retry_at <= time.monotonic():
                 self._commit_idle_acks()
             self._sleep(wait, stop)
@@ -137,6 +156,23 @@ class Sender:
 
     def _not_before(self) -> float:
         return max(self._retry_at, self._hold_until)
+
+    def _maybe_probe(self) -> None:
+        """During a back-off from an unreachable server: is it back? Then send at once."""
+        assert self.sink is not None
+        now = time.monotonic()
+        if now < self._next_probe:
+            return
+        self._next_probe = now + PROBE_INTERVAL_S
+        try:
+            up = self.sink.ping()
+        except Exception:  # noqa: BLE001 - a probe is only a hint
+            up = False
+        if up:
+            log.debug("%s answers /ping again: retrying now instead of in %.0f s", self._where,
+                      self._retry_at - now)
+            self._retry_at = now
+            self._probe = False
 
     def _commit_idle_acks(self) -> None:
         try:
@@ -197,37 +233,69 @@ class Sender:
         handled in order (a stack of halves), so the oldest lines still go first."""
         assert self.sink is not None
         stack = [rows]
-        while stack:
-            part = stack.pop()
-            try:
-                self.sink.write([line for _, line in part])
-            except SinkPermanent as e:
-                bad = self._bad_indexes(e, part)
-                if bad:
-                    self._quarantine([part[i] for i in sorted(bad)], e)
-                    rest = [r for i, r in enumerate(part) if i not in bad]
-                    if rest:
-                        stack.append(rest)
-                elif len(part) == 1:
-                    self._quarantine(part, e)
-                else:
-                    mid = len(part) // 2
-                    stack += [part[mid:], part[:mid]]
-                continue
-            except SinkTooLarge as e:
-                if len(part) == 1:
-                    self._quarantine(part, e)
+        refused: list[tuple[int, str]] = []   # quarantined in this batch: logged once, at the end
+        reasons: list[SinkError] = []
+        try:
+            while stack:
+                part = stack.pop()
+                if len(part) > self.batch_lines:  # a half left over from before a 413: the smaller size
+                    n = self.batch_lines
+                    stack += [part[i:i + n] for i in range(0, len(part), n)][::-1]
                     continue
-                mid = len(part) // 2
-                if mid < self.batch_lines:
-                    log.info("%s: batch of %d lines too large (413); sending at most %d lines per batch from now on",
-                             self._where, len(part), mid)
-                    self.batch_lines = mid
-                stack += [part[mid:], part[:mid]]
-                continue
-            self.spool.ack([rid for rid, _ in part], defer=True)
-            self.sent_points += len(part)
-            self._drain_sent += len(part)
+                try:
+                    self.sink.write([line for _, line in part])
+                except SinkPermanent as e:
+                    bad = self._bad_indexes(e, part)
+                    if bad:
+                        refused += self._quarantine([part[i] for i in sorted(bad)], e, reasons)
+                        rest = [r for i, r in enumerate(part) if i not in bad]
+                        if rest:
+                            stack.append(rest)
+                    elif len(part) == 1:
+                        refused += self._quarantine(part, e, reasons)
+                    else:
+                        mid = len(part) // 2
+                        stack += [part[mid:], part[:mid]]
+                    continue
+                except SinkTooLarge as e:
+                    if len(part) == 1:
+                        refused += self._quarantine(part, e, reasons)
+                        continue
+                    mid = len(part) // 2
+                    now = time.monotonic()
+                    self._refused = (len(part), now + REFUSED_MEMORY_S)
+                    self._good = 0
+                    if mid < self.batch_lines:
+                        log.info("%s: batch of %d lines too large (413); sending at most %d lines per batch "
+                                 "(growing back after successes)", self._where, len(part), mid)
+                        self.batch_lines = mid
+                    stack += [part[mid:], part[:mid]]
+                    continue
+                self.spool.ack([rid for rid, _ in part], defer=True)
+                self.sent_points += len(part)
+                self._drain_sent += len(part)
+                self._good = max(self._good, len(part))
+                self._grow_batch()
+        finally:
+            if refused:
+                self._log_refused(refused, len(rows), reasons)
+
+    def _grow_batch(self) -> None:
+        """After a success: double the batch size, up to the configured one; for REFUSED_MEMORY_S after a 413
+        only up to the largest batch the server took since (so a lower server limit costs one 413 then)."""
+        if self.batch_lines >= self.max_batch_lines:
+            return
+        limit = self.max_batch_lines
+        if self._refused is not None:
+            if time.monotonic() < self._refused[1]:
+                limit = min(limit, max(self._good, self.batch_lines))
+            else:
+                self._refused = None
+        new = min(limit, self.batch_lines * 2)
+        if new > self.batch_lines:
+            self.batch_lines = new
+            if new == self.max_batch_lines:
+                log.info("%s: batches of %d lines again", self._where, new)
 
     @staticmethod
     def _bad_indexes(e: SinkPermanent, part: list[tuple[int, str]]) -> set[int]:
@@ -243,14 +311,25 @@ class Sender:
                 bad.add(hits[0])
         return bad
 
-    def _quarantine(self, rows: list[tuple[int, str]], e: SinkError) -> None:
-        n = self.spool.quarantine([rid for rid, _ in rows], str(e))
-        total = self.spool.stats().quarantined
+    def _quarantine(self, rows: list[tuple[int, str]], e: SinkError, reasons: list[SinkError]) -> list[tuple[int, str]]:
+        self.spool.quarantine([rid for rid, _ in rows], str(e))
+        reasons.append(e)
+        return rows
+
+    def _log_refused(self, rows: list[tuple[int, str]], batch: int, reasons: list[SinkError]) -> None:
+        """One line per batch: how many were quarantined, why (the first reason), one example."""
+        try:
+            total = self.spool.stats().quarantined
+        except Exception:  # noqa: BLE001 - the count is for the message only
+            total = -1
+        e = reasons[0]
+        why = " ".join(str(e).split())
+        why = why if len(why) <= 200 else why[:197] + "..."
         sample = rows[0][1]
         sample = sample if len(sample) <= 120 else sample[:117] + "..."
-        log.warning("%s refused %d line(s) for good (%s); set aside in the quarantine (%d in all), e.g. %r; "
-                    "see `dcmon spool quarantine list`", self._where, n,
-                    f"{e.status}" if e.status else type(e).__name__, total, sample)
+        log.warning("%s refused %d of %d line(s) in a batch for good (%s: %s); set aside in the quarantine "
+                    "(%d in all), e.g. %r; see `dcmon spool quarantine list`", self._where, len(rows), batch,
+                    e.status if e.status else type(e).__name__, why, total, sample)
 
     def _succeeded(self, n: int) -> None:
         if self._state_key is not None:
@@ -278,11 +357,15 @@ class Sender:
         if isinstance(e, SinkRetryable) and retry_after is not None:
             wait = min(MAX_RETRY_AFTER_S, max(retry_after, 0.0))
         self._retry_at = time.monotonic() + wait
+        # unreachable (no HTTP answer at all): probe cheaply meanwhile; a server that answered (5xx, 429,
+        # 401) is up, and a probe would only say so, so the back-off stands
+        self._probe = isinstance(e, SinkRetryable) and e.status is None and e.retry_after is None
+        self._next_probe = time.monotonic() + min(PROBE_INTERVAL_S, wait)
         if isinstance(e, SinkError):
             text = str(e)
             key: tuple[object, ...] = (type(e).__name__, e.status, text if e.status is None else "")
         else:
-            text = f"sending failed: {type(e).__name__}: {e}"
+            text = redact_url(f"sending failed: {type(e).__name__}: {e}")
             key = (type(e).__name__, text)
         self.last_error = text
         if key != self._state_key:

@@ -6,7 +6,12 @@ Layout (``PRAGMA application_id`` marks the file as ours, ``user_version`` is th
 - ``queue(id, time_ns, line)``: waiting to be sent, oldest first (by ``id``, the order they were put);
 - ``quarantine(id, time_ns, line, reason, at_ns)``: lines InfluxDB refused for good (400), set aside so the
   rest flows; ``dcmon spool quarantine list|retry|clear`` deals with them;
-- ``meta(key, value)``: ``dropped_total``, the sender's ``last_error`` (written on state changes only).
+- ``held(id, mono_ns, boot, line)``: readings taken while the system clock could not be trusted
+  (dcmon.clock), with their monotonic time and boot id; re-stamped (wall = monotonic + the trusted offset)
+  and moved to ``queue`` once it can. Rows of an earlier boot (their monotonic base is gone) are moved to
+  the quarantine at open, with the wall time they were taken at and a reason that says so;
+- ``meta(key, value)``: ``dropped_total``, ``newest_time_ns`` (the newest stamp stored, written at most once a
+  minute: a clock reading earlier after a restart is behind), the sender's ``last_error`` (state changes only).
 
 Durability (``spool.durability``):
 - ``process`` (default): WAL + ``synchronous=NORMAL``. A commit is in the WAL file (the OS cache) before
@@ -20,11 +25,22 @@ Commits: one per poll cycle. ``put`` writes the cycle's lines in one transaction
 (deletions of sent lines) ride on the next ``put``'s transaction instead of one of their own (see ``ack``).
 At 8 meters × 1 Hz with InfluxDB up that is one commit and about one 4 KiB WAL page per cycle.
 
-Bounded size: when the used pages exceed ``max_bytes`` (or the disk holding the spool gets within
-``DISK_RESERVE`` of full), the oldest queued lines are dropped down to 95 % of the cap (hysteresis, so it
-happens in chunks, not every cycle); lines older than ``max_age_s`` are dropped too. Drops are counted
-(``dropped_total``, persisted) and logged as warnings that say how many, at most one line per
-``DROP_LOG_INTERVAL_S``. The file never shrinks (freed pages are reused), so it stays near the cap.
+Bounded size, WAL included: the WAL is checkpointed into the file every ``WAL_PAGES`` pages (1 MiB;
+less for a small cap) and truncated back to that size (``journal_size_limit``), so the WAL is bounded too,
+and the cap counts it: used pages + WAL file ≤ ``max_bytes``. Before each put the spool also checks the free
+space of its filesystem (one statvfs): the database may grow only into what is free beyond the disk reserve
+(``DISK_RESERVE``), the WAL's headroom and the reserve file. When a put would go over
+either, the oldest lines are dropped first, down to 95 % (hysteresis, so it happens in chunks, not every
+cycle), so that the new lines fit. Lines older than ``max_age_s`` are dropped too, but only while the clock
+is trusted and never those held for the clock. Drops are counted exactly (``dropped_total``, persisted) and
+logged as warnings that say how many, at most one line per ``DROP_LOG_INTERVAL_S``. The file never shrinks
+(freed pages are reused), so it stays near the cap.
+
+A full disk all the same (another program filled it): SQLite can then neither insert nor delete, as both
+write to the WAL. The spool keeps a reserve file beside it (``<path>-reserve``, ``RESERVE_BYTES``) for that
+moment: on SQLITE_FULL it deletes the reserve, drops the oldest lines, checkpoints, and stores the new lines;
+the reserve is made again once the disk has room. So deletions always succeed and the newest readings are
+kept; only when even that fails are lines counted as lost (``lost_total``).
 
 Corruption: a file that SQLite cannot read (not a database, malformed) is renamed to
 ``<path>.corrupt-<UTC time>`` (with its -wal/-shm), one warning says where it went and how to salvage it
@@ -44,8 +60,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import DcmonError
+
+if TYPE_CHECKING:
+    from .clock import Clock
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +75,11 @@ DISK_RESERVE = 64 * 1024 * 1024  # keep at least this much free on the spool's f
 DROP_LOG_INTERVAL_S = 600.0       # at most one "dropped" warning per this many seconds
 PAGE_SIZE = 4096                  # 1024 and 2048 measured worse: more pages per commit, more checkpoints
 MAX_DEFERRED_ACKS = 20_000        # deferred deletions are committed at the latest at this many
-CHECK_INTERVAL_S = 60.0           # age cap and free-disk checks, at most this often
+CHECK_INTERVAL_S = 60.0           # age cap and reserve-file checks, at most this often
+WAL_PAGES = 256                   # checkpoint (and truncate the WAL to) this many pages: 1 MiB
+RESERVE_BYTES = 2 * 1024 * 1024   # the reserve file that lets deletions succeed on a full disk
+RELEASE_CHUNK = 5000              # held lines re-stamped per transaction
+MARK_INTERVAL_S = 60.0            # newest_time_ns is written to meta at most this often
 _CORRUPT = {11, 26}               # SQLITE_CORRUPT, SQLITE_NOTADB
 _FULL = 13                        # SQLITE_FULL
 
@@ -65,6 +89,8 @@ CREATE TABLE IF NOT EXISTS quarantine (id INTEGER PRIMARY KEY, time_ns INTEGER N
                                        reason TEXT NOT NULL, at_ns INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 """
+# Added after schema 1 (created on open when missing: no migration needed, older versions ignore it)
+_HELD = "CREATE TABLE IF NOT EXISTS held (id INTEGER PRIMARY KEY, mono_ns INTEGER NOT NULL, boot TEXT NOT NULL, line TEXT NOT NULL)"
 
 
 class SpoolError(DcmonError):
@@ -81,6 +107,7 @@ class SpoolStats:
     quarantined: int          # lines in the quarantine
     last_error: str           # the sender's last error ("" if none), with its UTC time
     lost_total: int = 0       # lines that could not be stored at all (disk full, I/O error) since open
+    held: int = 0             # lines waiting for a trusted clock (not sent yet, see dcmon.clock)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +127,10 @@ def line_time_ns(line: str) -> int | None:
     return None
 
 
+def _restamp(line: str, t_ns: int) -> str:
+    return f"{line.rsplit(' ', 1)[0]} {t_ns}"
+
+
 def _utc_stamp() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
@@ -109,7 +140,8 @@ class Spool:
     (no network inside), so the poller's ``put`` never waits long on the sender."""
 
     def __init__(self, path: Path, *, max_bytes: int, max_age_s: float, durability: str,
-                 repair: bool, disk_reserve: int = DISK_RESERVE) -> None:
+                 repair: bool, disk_reserve: int = DISK_RESERVE, clock: Clock | None = None,
+                 wal_pages: int = WAL_PAGES) -> None:
         if durability not in ("process", "power"):
             raise ValueError(f"durability must be 'process' or 'power', not {durability!r}")
         self.path = Path(path)
@@ -117,6 +149,12 @@ class Spool:
         self.max_age_s = float(max_age_s)
         self.durability = durability
         self.disk_reserve = disk_reserve
+        self.clock = clock          # None: lines are stored with the stamps they have (tools, benchmarks)
+        # a small cap gets a smaller WAL: the WAL is counted against the cap
+        self.wal_pages = max(16, min(int(wal_pages), self.max_bytes // 8 // PAGE_SIZE))
+        self._reserve = self.path.with_name(self.path.name + "-reserve")
+        self._held = 0
+        self._next_mark = 0.0
         self._repair = repair
         self._lock = threading.RLock()
         self._db: sqlite3.Connection | None = None
@@ -136,16 +174,21 @@ class Spool:
 
     @classmethod
     def open(cls, path: Path, *, max_bytes: int, max_age_s: float, durability: str = "process",
-             repair: bool = True, create: bool = True, disk_reserve: int = DISK_RESERVE) -> Spool:
+             repair: bool = True, create: bool = True, disk_reserve: int = DISK_RESERVE,
+             clock: Clock | None = None, wal_pages: int = WAL_PAGES) -> Spool:
         """Open (or create) the spool. ``repair``: move a corrupt or unreadable file aside and start anew
         (the daemon); without it (the ``dcmon spool`` command) such a file raises SpoolError instead.
-        ``create=False`` raises FileNotFoundError when there is no spool file yet."""
+        ``create=False`` raises FileNotFoundError when there is no spool file yet. ``clock`` (the daemon's):
+        hold readings while it cannot be trusted, re-stamp them once it can (dcmon.clock)."""
         self = cls(path, max_bytes=max_bytes, max_age_s=max_age_s, durability=durability, repair=repair,
-                   disk_reserve=disk_reserve)
+                   disk_reserve=disk_reserve, clock=clock, wal_pages=wal_pages)
         if not create and not self.path.exists():
             raise FileNotFoundError(str(self.path))
         with self._lock:
             self._connect()
+            if clock is not None:
+                self._call(self._adopt_held)
+            self._make_reserve()
         return self
 
     def _connect(self) -> None:
@@ -184,7 +227,10 @@ class Spool:
                 db.execute(f"PRAGMA page_size={PAGE_SIZE}")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=" + ("FULL" if self.durability == "power" else "NORMAL"))
-            db.execute("PRAGMA journal_size_limit=4194304")  # WAL truncated back to 4 MiB after checkpoints
+            # the WAL is checkpointed at wal_pages and truncated back to that size: bounded, and its space
+            # is reused from the start after each checkpoint (so deletions need no new disk space)
+            db.execute(f"PRAGMA wal_autocheckpoint={self.wal_pages}")
+            db.execute(f"PRAGMA journal_size_limit={self.wal_pages * PAGE_SIZE}")
             # Debian builds SQLite with SECURE_DELETE on: every sent line would be zeroed on disk, and each
             # freed page written once more. Readings are not secrets; SD cards are worth more.
             db.execute("PRAGMA secure_delete=OFF")
@@ -196,6 +242,9 @@ class Spool:
                 db.execute(f"PRAGMA application_id={APPLICATION_ID}")
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 db.execute("COMMIT")
+            if "held" not in tables:
+                db.execute(_HELD)
+            self._held = db.execute("SELECT count(*) FROM held").fetchone()[0]
             # max − min + 1: instant even for a million rows (count(*) would read them all at start-up);
             # exact but for quarantine gaps, and resynchronised whenever the sender reads the whole queue
             lo, hi = db.execute("SELECT min(id), max(id) FROM queue").fetchone()
@@ -271,11 +320,18 @@ class Spool:
         """Store one poll cycle's lines in one transaction (one commit: fewer SD-card writes).
 
         A line without a timestamp gets the current time appended, so a re-send after a crash overwrites
-        the same point instead of adding one. Never raises for a storage problem: when the disk is full or
-        failing, the lines are counted as lost (``stats().lost_total``) and one warning per change is logged.
+        the same point instead of adding one. With a clock: while it cannot be trusted, the lines go to
+        ``held`` with their monotonic time; once it can, provisional stamps are turned into wall time and
+        the held lines are re-stamped and queued. Never raises for a storage problem: when the disk is full
+        or failing, the oldest lines are dropped to make room; lines that still cannot be stored are
+        counted as lost (``stats().lost_total``) and one warning per change is logged.
         """
-        now = time.time_ns()
-        rows = []
+        clock = self.clock
+        trusted = clock is None or clock.trusted()
+        now = time.time_ns() if clock is None else clock.stamp_ns()
+        offset = 0 if clock is None else clock.offset_ns()
+        rows: list[tuple[int, str]] = []
+        held: list[tuple[int, str, str]] = []
         for raw in lines:
             for line in raw.splitlines():  # a stray newline would shift the server's line numbers
                 line = line.strip()
@@ -285,70 +341,242 @@ class Spool:
                 if t is None:
                     t = now
                     line = f"{line} {now}"
+                if clock is not None:
+                    provisional = clock.is_provisional(t)
+                    if not trusted:  # keep the monotonic time; the line carries the wall clock's guess
+                        mono = t if provisional else t - offset
+                        held.append((mono, clock.boot, _restamp(line, mono + offset) if provisional else line))
+                        continue
+                    if provisional:  # stamped before the clock became trusted
+                        t += offset
+                        line = _restamp(line, t)
                 rows.append((t, line))
-        if not rows:
+        if not rows and not held:
             return
+        if clock is not None and self._held and trusted:
+            self._store_guarded(self._release_held, 0, 0)
+        need = sum(len(line) + 40 for _, line in rows) + sum(len(line) + 80 for *_, line in held)
 
         def insert(db: sqlite3.Connection) -> None:
+            now_m = time.monotonic()
+            mark = max((t for t, _ in rows), default=0)
             db.execute("BEGIN IMMEDIATE")
             try:
                 gone = _delete_ids(db, self._pending)  # deferred acks: first, so the page has room
-                db.executemany("INSERT INTO queue (time_ns, line) VALUES (?, ?)", rows)
+                if rows:
+                    db.executemany("INSERT INTO queue (time_ns, line) VALUES (?, ?)", rows)
+                if held:
+                    db.executemany("INSERT INTO held (mono_ns, boot, line) VALUES (?, ?, ?)", held)
+                if clock is not None and mark and now_m >= self._next_mark:
+                    db.execute("INSERT INTO meta (key, value) VALUES ('newest_time_ns', ?) ON CONFLICT(key) "
+                               "DO UPDATE SET value = max(value, excluded.value)", (mark,))
+                    self._next_mark = now_m + MARK_INTERVAL_S
                 db.execute("COMMIT")
             except BaseException:
                 self._rollback()
                 raise
             self._pending.clear()
             self._depth = max(0, self._depth - gone) + len(rows)
+            self._held += len(held)
+            if clock is not None and mark:
+                clock.note_stored(mark)
 
-        try:
-            self._call(insert)
-        except (sqlite3.Error, SpoolError) as e:
-            self._lost += len(rows)
-            text = f"cannot store readings in the spool {self.path}: {_sqlite_text(e)}"
-            if text != self._store_error:
-                self._store_error = text
-                log.error("%s; %d readings lost so far (free disk space, check the SD card)", text, self._lost)
+        if not self._store_guarded(insert, need, len(rows) + len(held)):
             return
         if self._store_error:
             log.info("spool %s is writable again", self.path)
             self._store_error = ""
         with contextlib.suppress(sqlite3.Error, SpoolError):
-            self._call(self._enforce_caps)
+            self._call(lambda db: self._enforce_caps(db, 0))
 
-    def _enforce_caps(self, db: sqlite3.Connection) -> None:
+    def _store_guarded(self, fn, need: int, n_lines: int) -> bool:  # type: ignore[no-untyped-def]
+        """Run a writing fn(db) after making room for ``need`` bytes. On SQLITE_FULL: give up the reserve
+        file, drop the oldest lines, checkpoint, and try once more. False (and one error per change) when
+        it still cannot be stored."""
+        err: Exception | None = None
+        for attempt in range(2):
+            try:
+                if need:
+                    self._call(lambda db: self._enforce_caps(db, need))
+                self._call(fn)
+                return True
+            except (sqlite3.Error, SpoolError) as e:
+                err = e
+                if attempt or not _is_full(e):
+                    break
+                self._rollback()
+                try:
+                    self._call(self._recover_full)
+                except (sqlite3.Error, SpoolError) as e2:
+                    err = e2
+                    break
+        assert err is not None
+        self._lost += n_lines
+        text = f"cannot store readings in the spool {self.path}: {_sqlite_text(err)}"
+        if text != self._store_error:
+            self._store_error = text
+            log.error("%s; %d readings lost so far (free disk space, check the SD card)", text, self._lost)
+        return False
+
+    def _recover_full(self, db: sqlite3.Connection) -> None:
+        """The disk is full: free the reserve, drop 10 % of the oldest lines, checkpoint the WAL."""
+        released = self._release_reserve()
+        used = _used_bytes(db)
+        self._drop_to(db, int(used * 0.90), "disk full")
+        self._checkpoint(db)
+        log.warning("spool %s: the disk is full%s; dropped the oldest readings to keep the newest (%d dropped "
+                    "in all); free disk space", self.path, " (used the spool's reserve file)" if released else "",
+                    self._meta_int("dropped_total"))
+
+    def _checkpoint(self, db: sqlite3.Connection) -> None:
+        """Copy the WAL into the file and truncate it (after drops: the freed pages are then reusable in
+        place, and the WAL's space is returned to the disk)."""
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+
+    def _enforce_caps(self, db: sqlite3.Connection, need: int) -> None:
+        """Before a put of ``need`` bytes (0: after one): drop the oldest lines when the spool (pages in use +
+        WAL) would exceed max_bytes, or the database would grow beyond what the disk can spare."""
         now_m = time.monotonic()
-        if now_m >= self._next_check:
+        if not need and now_m >= self._next_check:  # after the put (the age cap needs the put's lines)
             self._next_check = now_m + CHECK_INTERVAL_S
-            self._drop_expired(db)
-            self._disk_cap = self._disk_limit(db)
-        cap = min(self.max_bytes, self._disk_cap) if self._disk_cap is not None else self.max_bytes
-        if _used_bytes(db) > cap:
-            self._drop_to(db, int(cap * 0.95), "full" if cap == self.max_bytes else "disk nearly full")
+            if self.clock is None or self.clock.trusted():
+                self._drop_expired(db)
+            self._make_reserve()
+        used, wal = _used_bytes(db), self._wal_bytes()
+        cap_total = self.max_bytes - wal  # the WAL counts against the cap
+        disk = self._disk_limit(db, wal)
+        cap = cap_total if disk is None else min(cap_total, disk)
+        if used + need > cap:
+            why = "full" if disk is None or cap_total <= disk else "disk nearly full"
+            self._drop_to(db, max(0, int(cap * 0.95) - need), why)
+            if why != "full":
+                self._checkpoint(db)
         self._log_drops(now_m)
 
-    def _disk_limit(self, db: sqlite3.Connection) -> int | None:
-        """The cap the free disk space allows: the file as it is (its free pages are reused without growing
-        it) plus what the disk has beyond the reserve. None when that is above max_bytes anyway."""
+    def _wal_bytes(self) -> int:
         try:
-            free = shutil.disk_usage(self.path.parent).free
+            return os.stat(self.path.with_name(self.path.name + "-wal")).st_size
+        except OSError:
+            return 0
+
+    def _disk_limit(self, db: sqlite3.Connection, wal: int) -> int | None:
+        """How far the pages in use may go given the free disk space: the database file as it is (its free
+        pages are reused without growing it) plus what the disk has beyond the reserve, the WAL's headroom
+        (up to its bound) and the reserve file when it is missing. None when that is above max_bytes anyway."""
+        try:
+            st = os.statvfs(self.path.parent)
         except OSError:
             return None
-        page_size = db.execute("PRAGMA page_size").fetchone()[0]
-        file_size = db.execute("PRAGMA page_count").fetchone()[0] * page_size
-        limit = file_size + max(0, free - self.disk_reserve)
+        free = st.f_bavail * st.f_frsize
+        reserve = self.disk_reserve
+        try:
+            file_size = os.stat(self.path).st_size
+        except OSError:
+            return None
+        headroom = max(0, self.wal_pages * PAGE_SIZE - wal)
+        missing = 0 if self._reserve.exists() else self._reserve_size()
+        limit = file_size + max(0, free - reserve - headroom - missing)
         return limit if limit < self.max_bytes else None
 
+    # ---- the reserve file
+
+    def _reserve_size(self) -> int:
+        return min(RESERVE_BYTES, max(self.wal_pages * PAGE_SIZE, self.max_bytes // 16))
+
+    def _make_reserve(self) -> None:
+        if self._reserve.exists():
+            return
+        size = self._reserve_size()
+        try:
+            if shutil.disk_usage(self.path.parent).free < 2 * size:
+                return
+            fd = os.open(self._reserve, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, size)  # real blocks, not a sparse file
+            finally:
+                os.close(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                self._reserve.unlink()
+
+    def _release_reserve(self) -> bool:
+        try:
+            self._reserve.unlink()
+            return True
+        except OSError:
+            return False
+
+    # ---- the clock's held lines
+
+    def _adopt_held(self, db: sqlite3.Connection) -> None:
+        """At open: tell the clock the newest stamp stored; move held lines of an earlier boot (their
+        monotonic time means nothing now) to the quarantine, stamped with the wall time they were taken at."""
+        assert self.clock is not None
+        last = db.execute("SELECT time_ns FROM queue ORDER BY id DESC LIMIT 1").fetchone()
+        mark = db.execute("SELECT value FROM meta WHERE key = 'newest_time_ns'").fetchone()
+        for t in (last[0] if last else 0, int(mark[0]) if mark else 0):
+            self.clock.note_stored(t)
+        if not self._held:
+            return
+        reason = ("taken while the system clock was not set, before a reboot: the time it had then is kept "
+                  "(maybe wrong); `dcmon spool quarantine retry` sends them as they are")
+        now = time.time_ns()
+        old = db.execute("SELECT line FROM held WHERE boot != ? ORDER BY id", (self.clock.boot,)).fetchall()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany("INSERT INTO quarantine (time_ns, line, reason, at_ns) VALUES (?, ?, ?, ?)",
+                           [(line_time_ns(line) or 0, line, reason, now) for (line,) in old])
+            n = len(old)
+            db.execute("DELETE FROM held WHERE boot != ?", (self.clock.boot,))
+            db.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+        self._held = db.execute("SELECT count(*) FROM held").fetchone()[0]
+        if n:
+            log.warning("spool %s: %d readings were taken before a reboot while the system clock was not set; "
+                        "their true time is unknown: kept in the quarantine (`dcmon spool quarantine list`)",
+                        self.path, n)
+
+    def _release_held(self, db: sqlite3.Connection) -> None:
+        """The clock is trusted: re-stamp held lines (wall = monotonic + offset) and queue them, in chunks."""
+        assert self.clock is not None
+        offset, boot, total = self.clock.offset_ns(), self.clock.boot, 0
+        while True:
+            chunk = db.execute("SELECT id, mono_ns, line FROM held WHERE boot = ? ORDER BY id LIMIT ?",
+                               (boot, RELEASE_CHUNK)).fetchall()
+            if not chunk:
+                break
+            rows = [(m + offset, _restamp(line, m + offset)) for _, m, line in chunk]
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany("INSERT INTO queue (time_ns, line) VALUES (?, ?)", rows)
+                db.execute("DELETE FROM held WHERE boot = ? AND id <= ?", (boot, chunk[-1][0]))
+                db.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
+            self._depth += len(rows)
+            total += len(rows)
+            self.clock.note_stored(max(t for t, _ in rows))
+        self._held = db.execute("SELECT count(*) FROM held").fetchone()[0]
+        if total:
+            log.info("spool %s: %d readings taken while the clock was not trusted are stamped with their true "
+                     "time (monotonic clock + the trusted offset) and queued", self.path, total)
+
     def _drop_expired(self, db: sqlite3.Connection) -> None:
-        """Drop from the front while lines are older than max_age (arrival order ≈ time order)."""
+        """Drop from the front while lines are older than max_age (arrival order ≈ time order). Lines stamped
+        before the clock's floor are not old but wrongly stamped (an older version's 1970): not dropped."""
         cutoff = time.time_ns() - int(self.max_age_s * 1e9)
+        floor = self.clock.floor_ns if self.clock is not None else 0
         self._flush_acks(db)  # sent lines are not "dropped"
         total = 0
         while True:
             rows = db.execute("SELECT id, time_ns FROM queue ORDER BY id LIMIT 5000").fetchall()
             last = None
             for rid, t in rows:
-                if t >= cutoff:
+                if t >= cutoff or t < floor:
                     break
                 last = rid
             if last is None:
@@ -361,14 +589,14 @@ class Spool:
             self._note_dropped(db, total, f"older than {self.max_age_s / 86400:g} days")
 
     def _drop_to(self, db: sqlite3.Connection, target: int, why: str) -> None:
-        """Drop the oldest queued lines (then the oldest quarantined) until the used bytes are ≤ target."""
+        """Drop the oldest queued lines (then held, then quarantined) until the used bytes are ≤ target."""
         self._flush_acks(db)
-        for table in ("queue", "quarantine"):
+        for table in ("queue", "held", "quarantine"):
             for _ in range(50):
                 used = _used_bytes(db)
                 if used <= target:
                     return
-                n_rows = _quarantine_count(db) if table == "quarantine" else self._depth
+                n_rows = {"quarantine": _quarantine_count(db), "held": self._held}.get(table, self._depth)
                 if n_rows <= 0:
                     break
                 want = max(1, int(n_rows * (used - target) / used) + 1)
@@ -377,6 +605,8 @@ class Spool:
                 if last is None:
                     if table == "queue":
                         self._depth = 0
+                    elif table == "held":
+                        self._held = 0
                     break
                 n = self._delete_front(db, table, last[0])
                 self._note_dropped(db, n, f"spool {why}: over {self.max_bytes / 1048576:g} MiB"
@@ -392,6 +622,8 @@ class Spool:
             raise
         if table == "queue":
             self._depth = max(0, self._depth - n)
+        elif table == "held":
+            self._held = max(0, self._held - n)
         return n
 
     def _note_dropped(self, db: sqlite3.Connection, n: int, why: str) -> None:
@@ -569,7 +801,7 @@ class Spool:
             return SpoolStats(depth=max(0, self._depth - len(self._pending)), bytes=_used_bytes(db), file_bytes=self.file_bytes(),
                               oldest_time_ns=oldest[0] if oldest else None,
                               dropped_total=self._meta_int("dropped_total"), quarantined=quarantined,
-                              last_error=str(last_error), lost_total=self._lost)
+                              last_error=str(last_error), lost_total=self._lost, held=self._held)
         return self._call(s)
 
     def file_bytes(self) -> int:
@@ -614,6 +846,12 @@ def _is_corrupt(e: sqlite3.Error) -> bool:
         return (code & 0xFF) in _CORRUPT
     text = str(e).lower()
     return "not a database" in text or "malformed" in text
+
+
+def _is_full(e: Exception) -> bool:
+    if isinstance(e, sqlite3.Error) and (getattr(e, "sqlite_errorcode", 0) or 0) & 0xFF == _FULL:
+        return True
+    return "database or disk is full" in str(e)
 
 
 def _sqlite_text(e: Exception) -> str:
