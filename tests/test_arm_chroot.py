@@ -368,12 +368,14 @@ def table(base: Path) -> str:
         cells = []
         for r in rows.values():
             v = r.get(key)
+            apt = " with apt-get" if key == "install_s" and r.get("install_ran_apt") else ""
             if v is None:
                 cells.append("–")
-            elif native and native is not r and native.get(key):
+            elif native and native is not r and native.get(key) and not (key == "install_s" and (
+                    apt or native.get("install_ran_apt"))):
                 cells.append(f"{v:g} s (×{v / native[key]:.1f})")
             else:
-                cells.append(f"{v:g} s")
+                cells.append(f"{v:g} s{apt}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
