@@ -15,7 +15,7 @@ under qemu-user-static, and this machine's own architecture as the native refere
    (fixed values, group dialout, as a USB adapter is) and at influxd on this machine's 127.0.0.1 (the chroot
    shares the network); ``dcmon run --once`` as the dcmon user, and the exact values must be in InfluxDB;
 5. a short ``dcmon run`` (the service's loop) ended by SIGTERM: exit 0, more points;
-6. ``dcmon run --simulate --once``: the simulator itself on the emulated CPU, on a pty inside the chroot;
+6. ``dcmon run --simulate --once``: the simulator itself on the emulated CPU, on a pty of a devpts of its own;
 7. ``install.sh --uninstall --purge``.
 
 It records the wall times (debootstrap, install.sh, ``dcmon --version``, ``import pydantic``, ``dcmon run
@@ -34,6 +34,7 @@ speed is not a Pi's: the times say how the steps compare, not how long a Pi take
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -42,6 +43,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,15 +154,19 @@ class Chroot:
         self.ready_mark.write_text(json.dumps({"seconds": round(r.seconds, 1), "mirror": debian_mirror()}))
         return r.seconds
 
-    def inside(self, *cmd: str, timeout: float = 900) -> Result:
-        script = ('mount -t proc proc "$1/proc" && mount --rbind /dev "$1/dev" && '
-                  'mount --bind /dev/pts "$1/dev/pts" && shift && exec chroot "$@"')
+    def inside(self, *cmd: str, timeout: float = 900, own_pts: bool = False) -> Result:
+        """``own_pts``: a private devpts instance, so that a pty made inside is numbered apart from this machine's
+        (where another program may hold /dev/pts/N locked); otherwise this machine's, to reach its ptys."""
+        pts = ('mount -t devpts -o newinstance,ptmxmode=0666,mode=0620,gid=5 devpts "$1/dev/pts" && '
+               'mount --bind "$1/dev/pts/ptmx" "$1/dev/ptmx"') if own_pts else 'mount --bind /dev/pts "$1/dev/pts"'
+        script = f'mount -t proc proc "$1/proc" && mount --rbind /dev "$1/dev" && {pts} && shift && exec chroot "$@"'
         return run_timed(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(self.path),
                           str(self.path), "/usr/bin/env", "-i", *self.env, *cmd], timeout)
 
-    def as_dcmon(self, *cmd: str, timeout: float = 300) -> Result:
+    def as_dcmon(self, *cmd: str, timeout: float = 300, own_pts: bool = False) -> Result:
         """As the service runs it: user dcmon with its groups (dialout), no login shell in between."""
-        return self.inside("setpriv", "--reuid=dcmon", "--regid=dcmon", "--init-groups", *cmd, timeout=timeout)
+        return self.inside("setpriv", "--reuid=dcmon", "--regid=dcmon", "--init-groups", *cmd, timeout=timeout,
+                           own_pts=own_pts)
 
     def best_of(self, n: int, *cmd: str) -> float:
         times = []
@@ -220,6 +226,25 @@ model = "pzem017"
 shunt_a = 100
 tags = {{ site = "pi" }}
 """
+
+
+def unlocked_simulator(meters: list[SimMeter], stack: ExitStack) -> Simulator:
+    """A simulator on a pty nobody else holds locked. /dev/pts is this machine's, shared with every other program:
+    a program that keeps /dev/pts/N open and flock'ed after its pty was closed (a leaked test fixture) makes
+    the next pty given that number look "in use" to dcmon. Such ptys are kept open (so their numbers are not
+    handed out again) until a free one comes."""
+    for _ in range(8):
+        sim = stack.enter_context(Simulator(meters))
+        fd = os.open(sim.path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return sim
+        except BlockingIOError:
+            continue
+        finally:
+            os.close(fd)
+    pytest.fail("every new pty is locked by another program (see /proc/locks)")
 
 
 def compiled_wheels(venv_site: Path) -> dict[str, str]:
@@ -300,7 +325,8 @@ def test_install_and_poll_on_emulated_pi(arch, influxd, fresh_db):
                                                                         "low_voltage_alarm": False})
               for addr, vals in EXPECTED.values()]
     host_tag = f"emulated-{arch}"
-    with Simulator(meters) as sim:
+    with ExitStack() as stack:
+        sim = unlocked_simulator(meters, stack)
         os.chown(sim.path, 0, DIALOUT_GID)  # as udev gives a USB serial adapter: group dialout, 0660
         os.chmod(sim.path, 0o660)
         local = chroot.path / "etc/dcmon/config.local.toml"
@@ -335,7 +361,7 @@ def test_install_and_poll_on_emulated_pi(arch, influxd, fresh_db):
     timings["run_25s_points_per_meter"] = min(counts.values()) - 1
 
     # -- the simulator itself on the emulated CPU (a pty inside the chroot), through the same install
-    sim_once = chroot.as_dcmon("/usr/local/bin/dcmon", "run", "--simulate", "--once")
+    sim_once = chroot.as_dcmon("/usr/local/bin/dcmon", "run", "--simulate", "--once", own_pts=True)
     assert sim_once.returncode == 0, f"dcmon run --simulate --once on {arch}: {sim_once}"
     for sensor in EXPECTED:
         m = re.search(rf"^{sensor}\s+([\d.]+) V\s+([\d.]+) A\s+([\d.]+) W", sim_once.stdout, re.M)
