@@ -14,6 +14,10 @@ DEB_PACKAGES=(python3-venv python3-pip influxdb mbpoll victoria-metrics mosquitt
 # Node.js and npm check the dashboards against Grafana's published schema (@grafana/schema + tsc);
 # Debian's are installed only where no node/npm is on the PATH already.
 command -v npm >/dev/null && command -v node >/dev/null || DEB_PACKAGES+=(nodejs npm)
+# The opt-in chroot tests: debootstrap (DCMON_TEST_CHROOT, DCMON_TEST_ARM), and qemu-user-static with
+# binfmt-support to run arm64 and armhf code (DCMON_TEST_ARM, tests/test_arm_chroot.py).
+[ -z "${DCMON_TEST_CHROOT:-}${DCMON_TEST_ARM:-}" ] || DEB_PACKAGES+=(debootstrap)
+[ -z "${DCMON_TEST_ARM:-}" ] || DEB_PACKAGES+=(qemu-user-static binfmt-support)
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
