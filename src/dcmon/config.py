@@ -145,6 +145,7 @@ class InfluxConfig(_Strict):
     minute_days: float = Field(730.0, ge=0)    # the 1-minute series (retention policy dcmon_1m); 0 = forever
     hour_days: float = Field(0.0, ge=0)        # the 1-hour series (retention policy dcmon_1h); 0 = forever
     low_voltage_v: dict[str, float] = Field(default_factory=dict)  # sensor name → alert below this voltage
+    timezone: str = ""                         # IANA zone where the dashboards' days start; "" = this machine's
 
     @field_validator("url")
     @classmethod

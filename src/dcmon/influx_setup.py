@@ -13,19 +13,19 @@ What it makes (every step idempotent: run it again after changing the config, or
 - in ``dcmon_meta``: ``dcmon_rp`` (which retention policy a dashboard reads for a time range: the point's
   timestamp is the shortest range, in ns since 1970, for which that policy is used) and
   ``dcmon_thresholds`` (``low_voltage_v`` per host and sensor, from ``influxdb.low_voltage_v``, for the
-  Grafana alert rule);
+  Grafana alert rule) and ``dcmon_site`` (the host's time zone, ``influxdb.timezone`` or the machine's own,
+  where the dashboards' days start);
 - the first time the 1-minute policy is created, the raw data already there is downsampled into it, before
   the raw policy is shortened.
 
 Energy in a bucket (1 m) is the sum of each reading's increase over the reading before: the counter's step,
 or, for a reading marked ``energy_reset=true`` (the counter went down), its whole new count (energy counted
-since the reset). InfluxQL has no "skip the first bucket", yet the first bucket of a window lacks the step
-from the reading before the window; the energy query therefore differences a cumulative sum
-(``difference(cumulative_sum(sum(...)))``), which yields nothing for the first bucket: a continuous query over
-two buckets (``RESAMPLE FOR 2m``) writes only the newer one, whose every step is inside the window.
-Limitation: a gap of more than a minute between two readings (the poller stopped, the meter was silent)
-puts the energy over the gap into the raw data only, not into the 1-minute series; ``--downsample`` repairs
-a window by hand.
+since the reset). The statement differences a cumulative sum (``difference(cumulative_sum(sum(...)))``) so
+that each bucket is written with the steps inside it; InfluxDB reads one bucket before the window for that.
+A continuous query (``RESAMPLE EVERY 1m FOR 2m``) therefore sees one minute back: a step whose previous
+reading is more than a minute older (the poller was stopped, the meter silent, and the meter kept counting)
+is in the raw data only. ``dcmon influx-setup --downsample 1d`` (and the backfill below) redoes a window a week
+at a time, reaching a week before each: steps across gaps up to a week are then counted.
 
 Continuous queries only see what arrives in time. Readings the spool delivers after an outage are
 downsampled by :class:`Backfill`, which the poller's sender calls after a backlog is sent: it runs the same
@@ -36,9 +36,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
@@ -48,12 +50,14 @@ from .errors import ConfigError, DcmonError
 log = logging.getLogger(__name__)
 
 MINUTE_RP, HOUR_RP, META_RP = "dcmon_1m", "dcmon_1h", "dcmon_meta"
-RP_MEASUREMENT, THRESHOLD_MEASUREMENT = "dcmon_rp", "dcmon_thresholds"
+RP_MEASUREMENT, THRESHOLD_MEASUREMENT, SITE_MEASUREMENT = "dcmon_rp", "dcmon_thresholds", "dcmon_site"
 # the shortest dashboard time range (seconds) that reads each policy: raw below 2 days, 1 m below 60 days
 RP_FROM_RANGE_S = {"": 0, MINUTE_RP: 2 * 86400, HOUR_RP: 60 * 86400}
 STATS_DC = ("voltage_v", "current_a", "power_w")
 STATS_AC = STATS_DC + ("frequency_hz", "power_factor")
 MINUTE_NS, HOUR_NS, DAY_NS = 60 * 10**9, 3600 * 10**9, 86400 * 10**9
+CHUNK_NS = 7 * DAY_NS
+OVERLAP_NS = 7 * DAY_NS           # downsampling by hand: a step across a gap up to this long at a chunk's start
 CQ_PREFIX = "dcmon_"
 
 
@@ -115,16 +119,21 @@ class Plan:
         return out
 
     def downsample_statements(self, start_ns: int, end_ns: int) -> list[str]:
-        """SELECT ... INTO statements that redo the downsampling of [start, end) (widened to whole buckets)."""
+        """SELECT ... INTO statements that redo the downsampling of [start, end) (widened to whole buckets).
+
+        A week at a time (bounded memory on a Pi), newest first, each reaching OVERLAP_NS back: a chunk's
+        first buckets lack the steps from readings before the chunk, and the older chunk, run after it,
+        rewrites them with those steps included."""
         m0, m1 = start_ns // MINUTE_NS * MINUTE_NS, -(-end_ns // MINUTE_NS) * MINUTE_NS
         h0, h1 = m0 // HOUR_NS * HOUR_NS, -(-m1 // HOUR_NS) * HOUR_NS
         out = []
         for m in self.measurements:
-            for a in range(m0, m1, DAY_NS):                       # a day at a time: bounded memory on a Pi
-                b = min(m1, a + DAY_NS)
+            starts = list(range(m0, m1, CHUNK_NS))
+            for a in reversed(starts):           # CHUNK_NS each
+                b = min(m1, a + CHUNK_NS)
                 out.append(f"{self.stats_1m(m)} WHERE time >= {a} AND time < {b} GROUP BY time(1m), *")
-                # one bucket earlier: the first bucket is dropped by the query (see the module docstring)
-                out.append(f"{self.energy_1m(m)} WHERE time >= {a - MINUTE_NS} AND time < {b} GROUP BY time(1m), *")
+                out.append(f"{self.energy_1m(m)} WHERE time >= {a - OVERLAP_NS} AND time < {b} "
+                           "GROUP BY time(1m), *")
             out.append(f"{self.stats_1h(m)} WHERE time >= {h0} AND time < {h1} GROUP BY time(1h), *")
         return out
 
@@ -261,7 +270,9 @@ def setup(cfg: Config, api: Influx, *, say=print) -> Plan:
         api.run(stmt.format(db=db))
         say(f"retention policy {raw_rp} (raw): {duration(ix.raw_days)}")
         changed += 1
-    changed += write_meta(cfg, api, raw_rp)
+    if write_meta(cfg, api, raw_rp):
+        say(f"{META_RP}: time-range map, time zone and thresholds for host {cfg.host!r}")
+        changed += 1
     if not changed:
         say(f"{ix.database!r} on {ix.url}: already set up, nothing changed")
     return plan
@@ -304,7 +315,25 @@ def write_meta(cfg: Config, api: Influx, raw_rp: str) -> int:
         if lines:
             api.write(lines, META_RP)
         changed += 1
+    tz = cfg.influxdb.timezone or local_timezone()
+    have_tz = [r["tz"] for r in api.rows(f"SELECT * FROM {q(META_RP)}.{q(SITE_MEASUREMENT)} WHERE \"host\" = '{_esc(host)}'")]
+    if have_tz != [tz]:
+        api.run(f"DROP SERIES FROM {q(SITE_MEASUREMENT)} WHERE \"host\" = '{_esc(host)}'")
+        api.write([encode_line(SITE_MEASUREMENT, {"host": host, "tz": tz}, {"n": 1}, 0)], META_RP)
+        changed += 1
     return changed
+
+
+def local_timezone() -> str:
+    """This machine's IANA zone name (Debian: /etc/timezone, or the /etc/localtime link); UTC if unknown."""
+    try:
+        name = Path("/etc/timezone").read_text(encoding="utf-8").strip()
+        if name:
+            return name
+    except OSError:
+        pass
+    target = os.path.realpath("/etc/localtime")
+    return target.split("zoneinfo/", 1)[1] if "zoneinfo/" in target else "UTC"
 
 
 def _esc(v: str) -> str:
