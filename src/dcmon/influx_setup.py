@@ -29,7 +29,7 @@ at a time, reaching a week before each: steps across gaps up to a week are then 
 
 Continuous queries only see what arrives in time. Readings the spool delivers after an outage are
 downsampled by :class:`Backfill`, which the poller's sender calls after a backlog is sent: it runs the same
-SELECT ... INTO statements over the outage's window, in a thread of its own.
+SELECT ... INTO statements over the backlog's window (from its oldest reading), in a thread of its own.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ from pathlib import Path
 import httpx
 
 from .config import Config, InfluxConfig, load
-from .errors import ConfigError, DcmonError
+from .errors import ConfigError, DcmonError, SinkError
+from .influx import InfluxSink
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +198,7 @@ class Influx:
     def rows(self, statement: str) -> list[dict]:
         out = []
         for s in self.run(statement):
-            out += [dict(zip(s["columns"], v)) for v in s["values"]]
+            out += [dict(zip(s["columns"], v)) for v in s.get("values", [])]
         return out
 
 
@@ -352,8 +353,10 @@ def downsample(api: Influx, plan: Plan, start_ns: int, end_ns: int) -> int:
 
 class Backfill:
     """The sender's ``on_backlog_sent`` callback: after readings from an outage reached InfluxDB, redo the
-    downsampling of the outage's window (plus a margin), in a thread, so the sender never waits on it.
-    Does nothing when the database was not set up (no dcmon_1m policy)."""
+    downsampling of the window they cover (plus a margin), in a thread, so the sender never waits on it.
+    The window starts at the oldest reading the first successful write after a failure carried (``watch``
+    wraps the sink to see it: the spool sends oldest first), so a backlog older than the outage, e.g. from
+    before a reboot, is covered too. Does nothing when the database was not set up (no dcmon_1m policy)."""
 
     MARGIN_NS = 2 * MINUTE_NS
 
@@ -362,12 +365,30 @@ class Backfill:
         self._lock = threading.Lock()
         self.thread: threading.Thread | None = None
         self.runs = 0
+        self._failing = False
+        self._oldest_ns: int | None = None
+
+    def watch(self, sink: InfluxSink) -> _WatchedSink:
+        return _WatchedSink(sink, self)
+
+    def _seen(self, ok: bool, first_line: str) -> None:
+        if not ok:
+            self._failing = True
+        elif self._failing:
+            self._failing = False
+            try:
+                t = int(first_line.rsplit(" ", 1)[1])
+            except (IndexError, ValueError):
+                t = time.time_ns()
+            self._oldest_ns = t if self._oldest_ns is None else min(self._oldest_ns, t)
 
     def __call__(self, outage_s: float) -> None:
         end = time.time_ns()
-        start = end - int(outage_s * 1e9) - self.MARGIN_NS
-        self.thread = threading.Thread(target=self._run, args=(start, end + self.MARGIN_NS), name="backfill",
-                                       daemon=True)
+        start = end - int(outage_s * 1e9)
+        if self._oldest_ns is not None:
+            start, self._oldest_ns = min(start, self._oldest_ns), None
+        self.thread = threading.Thread(target=self._run, args=(start - self.MARGIN_NS, end + self.MARGIN_NS),
+                                       name="backfill", daemon=True)
         self.thread.start()
 
     def _run(self, start_ns: int, end_ns: int) -> None:
@@ -387,6 +408,25 @@ class Backfill:
             except Exception as e:  # noqa: BLE001 - a thread of its own: log, never die silently
                 log.warning("could not downsample the backlog's window (%s); run `dcmon influx-setup --downsample "
                             "%dm` later", e, (end_ns - start_ns) // MINUTE_NS + 1)
+
+
+class _WatchedSink:
+    """An InfluxSink that tells the backfill whether each write worked, and the first line's timestamp."""
+
+    def __init__(self, sink: InfluxSink, backfill: Backfill) -> None:
+        self._sink, self._backfill = sink, backfill
+        self.where, self.cfg = sink.where, sink.cfg
+
+    def write(self, lines: list[str]) -> None:
+        try:
+            self._sink.write(lines)
+        except SinkError:
+            self._backfill._seen(False, "")
+            raise
+        self._backfill._seen(True, lines[0] if lines else "")
+
+    def close(self) -> None:
+        self._sink.close()
 
 
 # --------------------------------------------------------------------------------------------- flux

@@ -351,9 +351,10 @@ def run(cfg: Config, *, simulate: bool = False, once: bool = False, echo: bool =
     sims = start_simulators(cfg) if simulate else []
     spool = Spool.open(cfg.resolve(cfg.spool.path), max_bytes=cfg.spool.max_bytes,
                        max_age_s=cfg.spool.max_age_days * 86400, durability=cfg.spool.durability)
-    sink = InfluxSink(cfg.influxdb) if cfg.influxdb.enabled else None
     from .influx_setup import Backfill  # downsamples what a backlog delivered (a no-op before influx-setup)
-    sender = Sender(spool, sink, batch_lines=cfg.spool.batch_lines, on_backlog_sent=Backfill(cfg) if sink else None)
+    backfill = Backfill(cfg)
+    sink = backfill.watch(InfluxSink(cfg.influxdb)) if cfg.influxdb.enabled else None
+    sender = Sender(spool, sink, batch_lines=cfg.spool.batch_lines, on_backlog_sent=backfill if sink else None)
 
     def put(lines: list[str]) -> None:
         spool.put(lines)
