@@ -25,6 +25,7 @@ EXPECTED = {
                       for what in ("CPU per reading", "peak RSS with 32 meters", "CPU at 8 meters × 1 Hz")],
     "bench_encode.py": ["line protocol"],
     "bench_spool.py": ["spool drain vs direct post"],
+    "bench_dashboards.py": ["dashboard queries, raw / downsampled"],
 }
 
 
@@ -51,7 +52,8 @@ def _run(names: list[str]) -> dict[str, subprocess.CompletedProcess]:
 def outputs() -> dict[str, subprocess.CompletedProcess]:
     """One quick run of each: bench_bus (which mostly waits on the simulated wire) beside bench_encode and
     bench_spool (short bursts), then bench_cost alone (it keeps both cores busy)."""
-    return {**_run(["bench_bus.py", "bench_encode.py", "bench_spool.py"]), **_run(["bench_cost.py"])}
+    return {**_run(["bench_bus.py", "bench_encode.py", "bench_spool.py"]), **_run(["bench_cost.py"]),
+            **_run(["bench_dashboards.py"])}
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))
@@ -93,6 +95,12 @@ def test_cost_benchmark_measured_real_readings(outputs):
     assert len(written) == 2 and all(int(n.replace(",", "")) > 0 for row in written for n in row), out
     assert re.search(r"^trade-off, min_send_interval_s 0 → 5 s at 8 meters × 1 Hz: CPU ", out, re.M), out
     assert re.search(r"^exit status after SIGTERM +0/0 +0/0$", out, re.M), out
+
+
+def test_dashboard_benchmark_compares_the_same_energy(outputs):
+    out = outputs["bench_dashboards.py"].stdout
+    assert "same energy from raw and downsampled: yes" in out, out
+    assert re.search(r"^energy per week .* dcmon_1h ", out, re.M), out
 
 
 def test_spool_benchmark_drained_every_point(outputs):

@@ -140,6 +140,12 @@ class InfluxConfig(_Strict):
     timeout_s: float = Field(10.0, gt=0, le=30)  # ≤ 30 s: a hung write must not outlast the systemd watchdog
     verify_tls: bool = True
     ca_file: str = ""
+    # `dcmon influx-setup` only (src/dcmon/influx_setup.py; InfluxDB 1.x): retention and alert thresholds
+    raw_days: float = Field(90.0, ge=1)        # raw readings kept this long (the raw retention policy)
+    minute_days: float = Field(730.0, ge=0)    # the 1-minute series (retention policy dcmon_1m); 0 = forever
+    hour_days: float = Field(0.0, ge=0)        # the 1-hour series (retention policy dcmon_1h); 0 = forever
+    low_voltage_v: dict[str, float] = Field(default_factory=dict)  # sensor name → alert below this voltage
+    timezone: str = ""                         # IANA zone where the dashboards' days start; "" = this machine's
 
     @field_validator("url")
     @classmethod

@@ -354,8 +354,10 @@ def run(cfg: Config, *, simulate: bool = False, once: bool = False, echo: bool =
     clock = clock or Clock()  # one clock for stamps and the spool (held readings, the age cap)
     spool = Spool.open(cfg.resolve(cfg.spool.path), max_bytes=cfg.spool.max_bytes,
                        max_age_s=cfg.spool.max_age_days * 86400, durability=cfg.spool.durability, clock=clock)
-    sink = InfluxSink(cfg.influxdb) if cfg.influxdb.enabled else None
-    sender = Sender(spool, sink, batch_lines=cfg.spool.batch_lines)
+    from .influx_setup import Backfill  # downsamples what a backlog delivered (a no-op before influx-setup)
+    backfill = Backfill(cfg)
+    sink = backfill.watch(InfluxSink(cfg.influxdb)) if cfg.influxdb.enabled else None
+    sender = Sender(spool, sink, batch_lines=cfg.spool.batch_lines, on_backlog_sent=backfill if sink else None)
 
     def put(lines: list[str]) -> None:
         spool.put(lines)

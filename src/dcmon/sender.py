@@ -25,6 +25,7 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from .errors import SinkAuth, SinkError, SinkPermanent, SinkRetryable, SinkTooLarge
@@ -47,12 +48,14 @@ class Sender:
     thread (sends are serialised by a lock)."""
 
     def __init__(self, spool: Spool, sink: InfluxSink | None, *, batch_lines: int = 5000,
-                 min_backoff_s: float = 1.0, max_backoff_s: float = 60.0, min_send_interval_s: float = 0.0) -> None:
+                 min_backoff_s: float = 1.0, max_backoff_s: float = 60.0, min_send_interval_s: float = 0.0,
+                 on_backlog_sent: Callable[[float], None] | None = None) -> None:
         """``min_send_interval_s``: with no backlog, send at most this often (pokes in between only mark
         work). 0 = on every poke. Fewer HTTP requests (CPU) against more rows waiting in the spool between
         sends (bench/README.md, Spool, has what each costs in SD-card writes)."""
         self.spool = spool
         self.sink = sink
+        self.on_backlog_sent = on_backlog_sent  # called with the outage's length (s) once its backlog is sent
         self.batch_lines = max(1, int(batch_lines))
         self.max_batch_lines = self.batch_lines  # what the config asks; 413s lower batch_lines for a while
         self._refused: tuple[int, float] | None = None  # (size refused with 413, until monotonic)
@@ -347,6 +350,8 @@ class Sender:
             log.info("%s: backlog sent (%d readings in %.0f s after the outage began)", self._where,
                      self._drain_sent, time.monotonic() - self._outage_started)
             self._draining = False
+            if self.on_backlog_sent is not None:
+                self.on_backlog_sent(time.monotonic() - self._outage_started)
 
     def _failed(self, e: BaseException) -> None:
         """Count, back off, and log when the failing condition changed."""
