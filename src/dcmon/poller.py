@@ -48,7 +48,7 @@ log = logging.getLogger("dcmon.poller")
 
 # ------------------------------------------------------------------------------------ per-sensor state
 
-# A meter that is down (issue 12): after DOWN_AFTER failed polls in a row it is polled only every
+# A meter that is down (issue 12): after DOWN_AFTER polls in a row without an answer it is polled only every
 # BACKOFF_FIRST_S, then twice as long after each further failure, up to BACKOFF_MAX_S, with one try each
 # (no retry); the first answer puts it back on every cycle. So a dead meter costs its bus one timeout per
 # back-off period instead of timeout × (retries + 1) per cycle, and a meter that comes back is polled again
@@ -107,12 +107,15 @@ class SensorState:
         """Attempts for the next poll: one while backed off (a probe), else the bus's retries + 1."""
         return 1 if self.backoff_s else None
 
-    def note_failure(self, now: float) -> bool:
-        """Count a failed poll; returns True when this failure starts the back-off."""
-        if self._answered_since_failure():
+    def note_failure(self, now: float, silent: bool = True) -> bool:
+        """Count a failed poll; returns True when this failure starts the back-off. Only silence counts towards
+        it (``silent``): a meter that answers, if garbled or with an exception, is not down."""
+        if self._answered_since_failure() or not silent:
             self.fails_in_row = 0
             self.backoff_s = 0.0
         self._ok_at_failure = self.polls_ok
+        if not silent:
+            return False
         self.fails_in_row += 1
         if self.fails_in_row < DOWN_AFTER:
             return False
@@ -274,7 +277,7 @@ class Poller:
             probing = st.tries == 1
             if (st.up is not False or st.last_error != msg) and not (probing and isinstance(e, NoResponse)):
                 log.warning("%s: %s", who, msg)
-            if st.note_failure(time.monotonic()):
+            if st.note_failure(time.monotonic(), silent=isinstance(e, NoResponse)):
                 log.info("%s: down after %d failed polls in a row: polling it every %g s, doubling up to %g s, "
                             "one try each, until it answers", who, st.fails_in_row, st.backoff_s, BACKOFF_MAX_S)
             st.up, st.last_error = False, msg
