@@ -48,13 +48,14 @@ log = logging.getLogger("dcmon.poller")
 
 # ------------------------------------------------------------------------------------ per-sensor state
 
-# A meter that is down (issue 12): after DOWN_AFTER polls in a row without an answer it is polled only every
-# BACKOFF_FIRST_S, then twice as long after each further failure, up to BACKOFF_MAX_S, with one try each
-# (no retry); the first answer puts it back on every cycle. So a dead meter costs its bus one timeout per
-# back-off period instead of timeout × (retries + 1) per cycle, and a meter that comes back is polled again
-# within BACKOFF_MAX_S (or one interval, if that is longer). docs/troubleshooting.md says the same.
+# A meter that is down (issue 12): after a poll without an answer the next ones get one try (no retry); after
+# DOWN_AFTER polls in a row without an answer it is polled only every BACKOFF_FIRST_S, then twice as long
+# after each further one, up to BACKOFF_MAX_S; the first answer puts it back on every cycle. So a dead meter
+# costs its bus one timeout per back-off period instead of timeout × (retries + 1) per cycle, and a meter that
+# comes back is polled again within BACKOFF_MAX_S (or one interval, if that is longer).
+# docs/troubleshooting.md says the same.
 DOWN_AFTER = 3
-BACKOFF_FIRST_S = 2.0
+BACKOFF_FIRST_S = 5.0
 BACKOFF_MAX_S = 60.0
 COUNTER_JUMP_READINGS = 3    # readings in a row that agree on a new counter level before it is accepted
 
@@ -104,8 +105,10 @@ class SensorState:
 
     @property
     def tries(self) -> int | None:
-        """Attempts for the next poll: one while backed off (a probe), else the bus's retries + 1."""
-        return 1 if self.backoff_s else None
+        """Attempts for the next poll: one after a poll without an answer (a meter that did not answer
+        retries + 1 tries is probably down, and every try costs the bus a timeout), else the bus's
+        retries + 1."""
+        return 1 if self.fails_in_row and not self._answered_since_failure() else None
 
     def note_failure(self, now: float, silent: bool = True) -> bool:
         """Count a failed poll; returns True when this failure starts the back-off. Only silence counts towards
