@@ -79,18 +79,17 @@ class LineFaults:
     garbage: deque[bytes] = field(default_factory=deque)
     faulted: int = 0               # replies this changed (for tests)
 
-    @classmethod
-    def from_spec(cls, spec: dict[str, object]) -> LineFaults:
-        """From JSON-able values (hex strings for bytes): how bench/bench_bus.py sets them in its child."""
-        f = cls()
-        if spec.get("junk"):
-            f.junk = bytes.fromhex(str(spec["junk"]))
-        if spec.get("foreign") is not None:
-            f.foreign = int(spec["foreign"])  # type: ignore[call-overload]
-        f.truncate = int(spec.get("truncate", 0) or 0)  # type: ignore[call-overload]
+    def update(self, spec: dict[str, object]) -> LineFaults:
+        """Set from JSON-able values (hex strings for bytes), as bench/bench_bus.py does in its child."""
+        if "junk" in spec:
+            self.junk = bytes.fromhex(str(spec["junk"] or ""))
+        if "foreign" in spec:
+            self.foreign = None if spec["foreign"] is None else int(spec["foreign"])  # type: ignore[call-overload]
+        if "truncate" in spec:
+            self.truncate = int(spec["truncate"] or 0)  # type: ignore[call-overload]
         for g in spec.get("garbage", []) or []:  # type: ignore[union-attr]
-            f.garbage.append(bytes.fromhex(str(g)))
-        return f
+            self.garbage.append(bytes.fromhex(str(g)))
+        return self
 
     def apply(self, reply: bytes) -> bytes:
         """The bytes the line carries for ``reply``."""
