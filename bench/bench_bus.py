@@ -298,28 +298,37 @@ class Cost:
     failed: int
 
 
-def read_cost(path: str, reads: int, gap_s: float, *, stock: bool, max_failures: int) -> Cost:
-    """Median bus time of ``reads`` reads of address 1 through dcmon.bus.Bus (timeout 0.5 s, 1 retry, a
-    3.5-character gap), failed reads included at what they cost; stops after ``max_failures`` failures. The
-    median, so that a scheduling hiccup of this shared machine in one read does not move a row by milliseconds."""
-    bus = Bus(BusSettings(name="noise", port=path, timeout_s=0.5, retries=1, gap_s=gap_s))
-    with bus:
-        if stock:
-            client = bus._client  # noqa: SLF001 - the reference row, as stock_recv does for the poller
-            client.recv = types.MethodType(ModbusSerialClient.recv, client)  # type: ignore[method-assign]
-        with contextlib.suppress(BusError, DeviceError):
-            read_values(bus, PZEM017, 1)            # open, first exchange: not timed
-        times, failed = [], 0
+def read_costs(paths: list[str], reads: int, gap_s: float, *, max_failures: int) -> dict[tuple[int, bool], Cost]:
+    """Median bus time of a read of address 1 through dcmon.bus.Bus (timeout 0.5 s, 1 retry, a 3.5-character
+    gap) on each pair of paths (two lines with the same faults), with the shipped receive (False) on the first
+    and pymodbus's stock one (True) on the second: keyed (pair index, stock). Round-robin, one read of each in turn, so that the load of this shared machine falls on every row
+    alike; the median, so that a hiccup in one read does not move a row by milliseconds. Failed reads count at
+    what they cost; a row stops after ``max_failures`` failures."""
+    buses: dict[tuple[int, bool], Bus] = {}
+    times: dict[tuple[int, bool], list[float]] = {}
+    failed: dict[tuple[int, bool], int] = {}
+    with contextlib.ExitStack() as stack:
+        for i, pair in enumerate(zip(paths[0::2], paths[1::2])):
+            for stock, path in zip((False, True), pair):     # a line each: a Bus locks its port
+                bus = stack.enter_context(Bus(BusSettings(name=f"noise{i}", port=path, timeout_s=0.5, retries=1,
+                                                          gap_s=gap_s)))
+                if stock:
+                    client = bus._client  # noqa: SLF001 - the reference row, as stock_recv does for the poller
+                    client.recv = types.MethodType(ModbusSerialClient.recv, client)  # type: ignore[method-assign]
+                with contextlib.suppress(BusError, DeviceError):
+                    read_values(bus, PZEM017, 1)            # the first exchange: not timed
+                buses[(i, stock)], times[(i, stock)], failed[(i, stock)] = bus, [], 0
         for _ in range(reads):
-            t = time.monotonic()
-            try:
-                read_values(bus, PZEM017, 1)
-            except (BusError, DeviceError):
-                failed += 1
-            times.append(time.monotonic() - t)
-            if failed >= max_failures:
-                break
-    return Cost(statistics.median(times), len(times), failed)
+            for key, bus in buses.items():
+                if failed[key] >= max_failures:
+                    continue
+                t = time.monotonic()
+                try:
+                    read_values(bus, PZEM017, 1)
+                except (BusError, DeviceError):
+                    failed[key] += 1
+                times[key].append(time.monotonic() - t)
+    return {k: Cost(statistics.median(v), len(v), failed[k]) for k, v in times.items()}
 
 
 @contextlib.contextmanager
@@ -366,12 +375,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wire limit: 1 / (({REQUEST_CHARS} + {REPLY_CHARS} + 2 × {SILENCE_CHARS}) chars + "
           f"{args.turnaround * 1000:g} ms) = 1 / {per_read * 1000:.2f} ms = {max_rate:.2f} reads/s a bus")
 
-    scenarios = [{**spec, "addresses": [1]} for _, spec, _ in GLITCHES]
+    scenarios = [{**spec, "addresses": [1]} for _, spec, _ in GLITCHES for _variant in (SHIPPED, STOCK)]
     scenarios += [{"addresses": list(range(1, DEAD_BUS + 1))},
                   {"addresses": list(range(1, DEAD_BUS + 1)), "silent": [DEAD_ADDRESS]}]
     with tempfile.TemporaryDirectory(prefix="dcmon-bench-") as tmpdir, \
             simulators(args.buses, addresses, timing=True, turnaround_s=args.turnaround, scenarios=scenarios) as all_paths:
-        paths, glitch_paths = all_paths[:args.buses], all_paths[args.buses:args.buses + len(GLITCHES)]
+        paths, glitch_paths = all_paths[:args.buses], all_paths[args.buses:args.buses + 2 * len(GLITCHES)]
         healthy8_path, dead8_path = all_paths[-2:]
         tmp = Path(tmpdir)
         model = (REQUEST_CHARS + SILENCE_CHARS + REPLY_CHARS) * CHAR_S + args.turnaround
@@ -421,14 +430,14 @@ def main(argv: list[str] | None = None) -> int:
         reads = 6 if args.quick else 40
         max_fail = 1 if args.quick else 3
         print()
-        print(f"line noise: median bus time a read of address 1 ({reads} reads a row, timeout 0.5 s, 1 retry; a "
-              f"failed read counts at what it cost), extra = beyond the clean read of the same receive")
+        print(f"line noise: median bus time a read of address 1 ({reads} reads a row, round-robin over the rows; "
+              f"timeout 0.5 s, 1 retry; a failed read counts at what it cost); extra: beyond the clean read of the "
+              f"same receive; beyond bytes: beyond that and the extra bytes' own wire time")
         print(f"{'glitch':<34} {'bytes':>5} {'shipped ms':>10} {'extra':>7} {'beyond bytes':>12} {'failed':>6}   "
               f"{'stock ms':>8} {'extra':>8} {'failed':>6}")
-        costs = {}
-        for (label, _, extra_chars), path in zip(GLITCHES, glitch_paths):
-            costs[label] = (read_cost(path, reads, gap, stock=False, max_failures=max_fail),
-                            read_cost(path, reads, gap, stock=True, max_failures=max_fail), extra_chars)
+        measured_costs = read_costs(glitch_paths, reads, gap, max_failures=max_fail)
+        costs = {label: (measured_costs[(i, False)], measured_costs[(i, True)], extra_chars)
+                 for i, (label, _, extra_chars) in enumerate(GLITCHES)}
         clean_ours, clean_stock, _ = costs[GLITCHES[0][0]]
         extras = []
         for label, (ours, stock_c, extra_chars) in costs.items():
