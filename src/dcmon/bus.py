@@ -63,10 +63,12 @@ class LineStats:
     """What the receive path saw for one address: counters for `dcmon status` and the health points.
 
     ``resyncs``: replies recognised after skipping bytes that were not them (leading junk, a foreign or cut-short
-    frame, the adapter's echo of our request); ``skipped_bytes``: those bytes, echoes not included; ``echoes``:
-    copies of our own request; ``crc_errors``: frames with our address, function and length whose CRC was wrong;
-    ``bad_frames``: attempts that ended without a valid reply although bytes had arrived (retried or failed);
-    ``retries``: attempts after the first."""
+    frame, the adapter's echo of our request); ``skipped_bytes``: bytes that were neither a reply nor the echo
+    (in those exchanges and in failed ones); ``echoes``: copies of our own request; ``crc_errors``: frames with
+    our address, function and length whose CRC was wrong; ``bad_frames``: attempts that ended without a valid
+    reply although bytes with our address had arrived (a garbled reply: retried, or the poll failed); bytes
+    without our address are line noise and the attempt counts as no answer; ``retries``: attempts after the
+    first."""
 
     replies: int = 0
     resyncs: int = 0
@@ -141,12 +143,13 @@ class _RtuClient(ModbusSerialClient):
         self.stats: dict[int, LineStats] = {}
         self.fast_receives = 0        # receives that went through recv_frame (tests check it is every one)
         self.echo_seen = False
-        self.last_garbage = b""
+        self.last_garbage = b""       # what arrived in the last attempt that ended without a reply (no echo)
+        self.last_heard = False       # ... and whether our address was in it (a garbled reply, not mere noise)
         self._sent = b""
 
     def execute(self, no_response_expected: bool, request: ModbusPDU) -> ModbusPDU:
         self.expect = None if no_response_expected else expected_reply(request)
-        self.last_garbage = b""
+        self.last_garbage, self.last_heard = b"", False
         try:
             return super().execute(no_response_expected, request)
         finally:
@@ -189,10 +192,17 @@ class _RtuClient(ModbusSerialClient):
         finally:
             if saved_timeout is not None:
                 sock.timeout = saved_timeout
-        if buf:
-            st.bad_frames += 1
-            self.last_garbage = bytes(buf)
-            log.debug("address %d: no valid reply in %d byte(s): %s", ex.address, len(buf), bytes(buf[:64]).hex(" "))
+        echo = self._echo_len(buf)
+        if echo:
+            st.echoes += 1                # our own request: not an answer, not noise
+        rest = bytes(buf[echo:])
+        if rest:
+            st.skipped_bytes += len(rest)
+            self.last_garbage = rest
+            self.last_heard = ex.address in rest
+            if self.last_heard:           # something that may have come from this meter: a garbled reply
+                st.bad_frames += 1
+            log.debug("address %d: no valid reply in %d byte(s): %s", ex.address, len(rest), rest[:64].hex(" "))
         return b""
 
     def _echo_len(self, buf: bytearray) -> int:
@@ -339,14 +349,15 @@ class Bus:
         self._client.register(ResetEnergyRequest)
 
     def line_stats(self, address: int | None = None) -> LineStats:
-        """What the receive path saw: for one address, or summed over the bus."""
-        with self._lock:
-            if address is not None:
-                return replace(self._client.stats.get(address, LineStats()))
-            total = LineStats()
-            for st in self._client.stats.values():
-                total.add(st)
-            return total
+        """What the receive path saw: for one address, or summed over the bus. Without the bus lock (a status
+        or health writer must not wait for a transaction): counters, read while they may be counting."""
+        stats = dict(self._client.stats)
+        if address is not None:
+            return replace(stats.get(address, LineStats()))
+        total = LineStats()
+        for st in stats.values():
+            total.add(st)
+        return total
 
     @property
     def fast_receives(self) -> int:
@@ -450,12 +461,13 @@ class Bus:
 
     def _io_error(self, who: str, what: str, address: int, e: Exception, tries: int) -> BusError:
         got = self._client.last_garbage
-        if got:
+        if got and self._client.last_heard:
             return BusError(f"{who}: {what}: garbled reply (bad CRC, short or foreign frame: "
                             f"{got[:32].hex(' ')}); check termination, wiring and that only one "
                             f"master is on the bus", bus=self.name, address=address)
+        noise = f", only {len(got)} byte(s) of line noise: {got[:16].hex(' ')}" if got else ""
         return NoResponse(f"{who}: {what}: no answer within {self.settings.timeout_s:g} s × "
-                          f"{tries} tr{'ies' if tries > 1 else 'y'} (check A/B wiring, the meter's 5 V supply, "
+                          f"{tries} tr{'ies' if tries > 1 else 'y'}{noise} (check A/B wiring, the meter's 5 V supply, "
                           f"{self.settings.framing} framing, and the address)", bus=self.name, address=address)
 
     def _registers(self, rr: Any, address: int, count: int) -> list[int]:

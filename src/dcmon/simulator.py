@@ -63,8 +63,8 @@ class LineFaults:
     (``Simulator.faults(address)``). The bytes added are sent in one write with the reply and count in the wire
     timing (``timing=True``) like the reply's own.
 
-    - ``junk``: these bytes before every reply (a transceiver turning around emits 0x00; noise on an unbiased
-      line);
+    - ``junk``: these bytes before every reply, and alone when there is none (a transceiver turning around
+      emits 0x00; noise on an unbiased line);
     - ``foreign``: before every reply, a whole valid reply from this other address (a neighbour answering, or
       a second master's exchange);
     - ``truncate``: before every reply, its first N bytes (a reply cut short), then the whole reply;
@@ -308,9 +308,14 @@ class Simulator:
                 os.write(self._master, req)
             except OSError:
                 pass
-        if out is None:
-            return None
         f = self._faults.get(req[0])
+        if out is None:
+            if f and f.junk:             # the turnaround junk comes without a reply too
+                try:
+                    os.write(self._master, f.junk)
+                except OSError:
+                    pass
+            return None
         return f.apply(out) if f else out
 
     # -------------------------------------------------------------------------------- serving
