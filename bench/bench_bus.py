@@ -384,7 +384,10 @@ def main(argv: list[str] | None = None) -> int:
         healthy8_path, dead8_path = all_paths[-2:]
         tmp = Path(tmpdir)
         model = (REQUEST_CHARS + SILENCE_CHARS + REPLY_CHARS) * CHAR_S + args.turnaround
-        measured = measure_reply_latency(paths[0], samples=5 if args.quick else 20)
+        try:
+            measured = measure_reply_latency(paths[0], samples=5 if args.quick else 20)
+        except serial.SerialException as e:
+            raise SystemExit(f"bench: cannot talk to the simulator on {paths[0]}: {e}") from None
         note = "ok" if abs(measured - model) < 0.0015 else "OFF: the simulator's timing model changed"
         print(f"calibration: simulator request → last reply byte {measured * 1000:.2f} ms, model "
               f"{model * 1000:.2f} ms ({note})")
