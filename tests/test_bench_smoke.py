@@ -20,7 +20,10 @@ VERDICT = re.compile(r"^RATIO (?P<what>.+): .+ \(target [≥≤] [\d.]+ ?(?:%|×
 
 # (script, the RATIO lines it must print: start of the text after "RATIO ")
 EXPECTED = {
-    "bench_bus.py": ["bus throughput, shipped", "bus scaling, shipped"],
+    "bench_bus.py": ["bus throughput, shipped", "bus scaling, shipped",
+                     *(f"extra bus time a read, {g}" for g in (
+                         "1 junk byte", "3 junk bytes", "local echo", "a foreign-address reply", "truncated")),
+                     "healthy meters' cadence with one dead meter of 8, shipped"],
     "bench_cost.py": [f"{what}, min_send_interval_s = {variant}" for variant in ("0 (shipped)", "5")
                       for what in ("CPU per reading", "peak RSS with 32 meters", "CPU at 8 meters × 1 Hz")],
     "bench_encode.py": ["line protocol"],

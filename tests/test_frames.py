@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from dcmon.bus import Bus, BusSettings
-from dcmon.errors import DeviceError
+from dcmon.errors import BusError, DeviceError
 from dcmon.models import MODELS, decode
 from dcmon.simulator import Simulator, frame, meters_for
 
@@ -344,3 +344,38 @@ def test_bus_sends_the_published_write_frames(address: int, register: int, value
     with Responder({req: req}) as resp, _bus(resp.path, 2) as bus:
         bus.write_register(address, register, value)
     assert resp.received == [req]
+
+
+# ------------------------------------------- published replies behind line noise (issue 12), through the bus
+ESPHOME, PTVOINFO = REPLIES[0], REPLIES[1]
+FOREIGN = bytes.fromhex("02 04 10 04 95 00 00 00 00 00 00 00 02 00 00 00 00 00 00")  # ptvoinfo#78's reply, address 2
+
+
+@pytest.mark.parametrize(("noise", "what"), [
+    ("00", "a 0x00 from the transceiver turning around"),
+    ("00 ff 01", "three bytes of noise"),
+    ("01 04 00 00 00 08 F1 CC", "the adapter's echo of our request (published request bytes)"),
+    (FOREIGN.hex() + crc16_modbus(FOREIGN).hex(), "a valid reply from address 2 (other values)"),
+    ("01 04 10 05 40 00 0A 00", "the same reply cut short"),
+    ("01 18 05 00 03 00 01 00", "the head of a read-FIFO-queue frame (the IndexError of issue 12)"),
+])
+def test_published_reply_behind_line_noise_through_bus(noise: str, what: str):
+    """The ESPHome reply after noise is still found, by address, function, byte count and CRC (the CRC here
+    is independent of pymodbus), and decodes to what ESPHome says; the foreign reply's values never leak in."""
+    with Responder({READ8: bytes.fromhex(noise) + ESPHOME.raw}) as resp, _bus(resp.path, 2) as bus:
+        t = time.monotonic()
+        got = decode(MODELS["pzem017"], bus.read_input_registers(1, 0, 8))
+        took = time.monotonic() - t
+        stats = bus.line_stats(1)
+    assert got == pytest.approx(ESPHOME.expect), what
+    assert took < 0.25, f"{what}: the read waited for its timeout"
+    assert stats.replies == 1 and stats.bad_frames == 0 and stats.retries == 0
+
+
+def test_published_garbage_alone_is_a_bus_error_and_the_next_read_works():
+    with Responder({READ8: bytes.fromhex("01 18 05 00 03 00 01 00 02 00 03")}) as resp, _bus(resp.path, 2) as bus:
+        with pytest.raises(BusError, match="garbled reply"):
+            bus.read_input_registers(1, 0, 8)
+        resp.script[READ8] = PTVOINFO.raw
+        assert decode(MODELS["pzem017"], bus.read_input_registers(1, 0, 8)) == pytest.approx(PTVOINFO.expect)
+        assert bus.line_stats(1).bad_frames == 1

@@ -36,6 +36,7 @@ import httpx
 import pytest
 
 from dcmon import config
+from dcmon import poller as poller_mod
 from dcmon.influx import InfluxSink
 from dcmon.influx_setup import Influx, setup
 from dcmon.spool import SpoolStats
@@ -135,6 +136,9 @@ def data(influxd, tmp_path_factory):
         sink = InfluxSink(cfg.influxdb)
         now = time.time()
         offs = offsets(now)
+        # the fixture compresses days into a second: its counter steps would be faster than any meter can count
+        no_rise_limit = pytest.MonkeyPatch()
+        no_rise_limit.setattr(poller_mod, "max_counter_rise", lambda model, seconds: float("inf"))
         try:
             for k, off in enumerate(offs):
                 for name, m in meters.items():
@@ -151,6 +155,7 @@ def data(influxd, tmp_path_factory):
                                 int((now + off) * 1e9), first)
                 sink.write(batch)
         finally:
+            no_rise_limit.undo()
             poller.close()
             sink.close()
     with Influx(cfg.influxdb) as api:       # retention policies and the 1-minute / 1-hour series of all of it

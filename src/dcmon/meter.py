@@ -10,9 +10,9 @@ from .models import FieldValue, Model, decode
 SHUNT_REGISTER = 0x0003
 
 
-def read_values(bus: Bus, model: Model, address: int) -> dict[str, FieldValue]:
-    """One read of the model's input-register block, decoded."""
-    return decode(model, bus.read_input_registers(address, model.input_start, model.input_count))
+def read_values(bus: Bus, model: Model, address: int, *, tries: int | None = None) -> dict[str, FieldValue]:
+    """One read of the model's input-register block, decoded. ``tries``: see Bus.read_input_registers."""
+    return decode(model, bus.read_input_registers(address, model.input_start, model.input_count, tries=tries))
 
 
 def read_setting(bus: Bus, model: Model, address: int, name: str) -> float:

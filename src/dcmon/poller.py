@@ -34,9 +34,9 @@ from .bus import Bus
 from .calibration import apply_calibration
 from .clock import Clock
 from .config import Config, SensorConfig, load
-from .errors import BusError, DcmonError, DeviceError, PortNotFound, SinkError
+from .errors import BusError, DcmonError, DeviceError, NoResponse, PortNotFound, SinkError
 from .meter import read_values, set_shunt
-from .models import FieldValue, Model
+from .models import FieldValue, Model, RegType
 from .reading import Reading, encode_head, encode_line
 from .systemd import Watchdog
 
@@ -48,6 +48,18 @@ log = logging.getLogger("dcmon.poller")
 
 
 # ------------------------------------------------------------------------------------ per-sensor state
+
+# A meter that is down (issue 12): after a poll without an answer the next ones get one try (no retry); after
+# DOWN_AFTER polls in a row without an answer it is polled only every BACKOFF_FIRST_S, then twice as long
+# after each further one, up to BACKOFF_MAX_S; the first answer puts it back on every cycle. So a dead meter
+# costs its bus one timeout per back-off period instead of timeout × (retries + 1) per cycle, and a meter that
+# comes back is polled again within BACKOFF_MAX_S (or one interval, if that is longer).
+# docs/troubleshooting.md says the same.
+DOWN_AFTER = 3
+BACKOFF_FIRST_S = 5.0
+BACKOFF_MAX_S = 60.0
+COUNTER_JUMP_READINGS = 3    # readings in a row that agree on a new counter level before it is accepted
+
 
 @dataclass
 class SensorState:
@@ -65,14 +77,112 @@ class SensorState:
     last_energy: float | None = None
     settle_until: float = 0.0        # monotonic; readings before this are discarded
     shunt_pending: bool = False
+    # back-off of a meter that is down (see DOWN_AFTER)
+    fails_in_row: int = 0
+    backoff_s: float = 0.0           # 0: polled every cycle
+    next_try: float = 0.0            # monotonic: the first cycle at or after this polls it again
+    polls_skipped: int = 0
+    _ok_at_failure: int = 0
+    # the energy counter's last accepted value and when (monotonic), and a jump under test
+    counter_ref: tuple[float, float] | None = None
+    _jump: tuple[float, float] | None = None
+    _jump_run: int = 0
 
     @property
     def name(self) -> str:
         return self.cfg.name
 
+    def _answered_since_failure(self) -> bool:
+        return self.polls_ok != self._ok_at_failure
 
-def is_plausible(model: Model, v: dict[str, FieldValue]) -> str:
-    """Empty string if the values are possible for this model, else the reason."""
+    def due(self, now: float) -> bool:
+        """Poll this meter in this cycle? False while it is backed off (counted in polls_skipped)."""
+        if self.backoff_s and self._answered_since_failure():
+            self.backoff_s, self.fails_in_row = 0.0, 0
+        if self.backoff_s and now < self.next_try:
+            self.polls_skipped += 1
+            return False
+        return True
+
+    @property
+    def tries(self) -> int | None:
+        """Attempts for the next poll: one after a poll without an answer (a meter that did not answer
+        retries + 1 tries is probably down, and every try costs the bus a timeout), else the bus's
+        retries + 1."""
+        return 1 if self.fails_in_row and not self._answered_since_failure() else None
+
+    def note_failure(self, now: float, silent: bool = True) -> bool:
+        """Count a failed poll; returns True when this failure starts the back-off. Only silence counts towards
+        it (``silent``): a meter that answers, if garbled or with an exception, is not down."""
+        if self._answered_since_failure() or not silent:
+            self.fails_in_row = 0
+            self.backoff_s = 0.0
+        self._ok_at_failure = self.polls_ok
+        if not silent:
+            return False
+        self.fails_in_row += 1
+        if self.fails_in_row < DOWN_AFTER:
+            return False
+        started = not self.backoff_s
+        self.backoff_s = BACKOFF_FIRST_S if started else min(self.backoff_s * 2, BACKOFF_MAX_S)
+        self.next_try = now + self.backoff_s
+        return started
+
+    def backoff_status(self, now: float) -> dict[str, object]:
+        """The back-off as `dcmon status` shows it."""
+        backing_off = bool(self.backoff_s) and not self._answered_since_failure()
+        return {"fails_in_row": self.fails_in_row if not self._answered_since_failure() else 0,
+                "backoff_s": self.backoff_s if backing_off else 0.0,
+                "retry_in_s": round(max(0.0, self.next_try - now), 1) if backing_off else 0.0,
+                "polls_skipped": self.polls_skipped}
+
+    def check_counter(self, model: Model, energy: float, now: float) -> str:
+        """Empty string if the energy counter can have reached ``energy`` since the last accepted reading (it
+        is then the new reference), else why not. A drop is always possible (a reset, handled by the caller).
+        A counter that really jumped (meter swapped, counter preset) is accepted once COUNTER_JUMP_READINGS
+        readings in a row agree with each other."""
+        top = counter_max(model)
+        if top is not None and energy >= top:
+            return f"energy counter {energy:g} Wh is the register's maximum, not a reading"
+        if self.counter_ref is not None:
+            last, then = self.counter_ref
+            allowed = max_counter_rise(model, now - then)
+            if energy - last > allowed:
+                j = self._jump
+                agrees = j is not None and 0 <= energy - j[0] <= max_counter_rise(model, now - j[1])
+                self._jump_run = self._jump_run + 1 if agrees else 1
+                self._jump = (energy, now)
+                if self._jump_run < COUNTER_JUMP_READINGS:
+                    return (f"energy counter rose {energy - last:g} Wh in {now - then:.1f} s, more than the "
+                            f"{model.title}'s maximum power allows ({allowed:.0f} Wh)")
+                log.warning("sensor %r: energy counter jumped from %g to %g Wh and stayed there for %d readings: "
+                            "taken as its new level", self.name, last, energy, self._jump_run)
+        self._jump, self._jump_run = None, 0
+        self.counter_ref = (energy, now)
+        return ""
+
+
+def counter_max(model: Model) -> float | None:
+    """The largest value the model's energy register can hold (a glitch reads as all ones)."""
+    for reg in model.inputs:
+        if reg.name == "energy_wh":
+            return (0xFFFFFFFF if reg.type is RegType.U32_LOW_WORD_FIRST else 0xFFFF) * reg.scale
+    return None
+
+
+def max_counter_rise(model: Model, seconds: float) -> float:
+    """The most an energy counter can rise in ``seconds``: the model's maximum power, with 20 % and 2 s to
+    spare (the meter integrates on its own clock), plus two counts of the register's resolution."""
+    watts = model.max_voltage_v * model.max_current_a
+    step = next((r.scale for r in model.inputs if r.name == "energy_wh"), 1.0)
+    return watts * 1.2 * (max(0.0, seconds) + 2.0) / 3600.0 + 2 * step
+
+
+def is_plausible(model: Model, v: dict[str, FieldValue], state: SensorState | None = None,
+                 now: float | None = None) -> str:
+    """Empty string if the values are possible for this model, else the reason. With ``state`` (and ``now``,
+    monotonic) the energy counter is also checked against the last accepted reading (SensorState.check_counter);
+    without, only against the register's maximum."""
     volt, amp, watt = float(v["voltage_v"]), float(v["current_a"]), float(v["power_w"])
     if volt > model.max_voltage_v * 1.2 or amp > model.max_current_a * 1.2:
         return f"{volt:g} V / {amp:g} A is outside the {model.title}'s range"
@@ -80,6 +190,14 @@ def is_plausible(model: Model, v: dict[str, FieldValue]) -> str:
     expected = volt * amp * (pf if model.kind == "ac" else 1.0)
     if abs(watt - expected) > 0.10 * expected + 2.0 + 0.02 * (volt + amp):
         return f"power {watt:g} W does not match V × I = {expected:.1f} W"
+    if "energy_wh" not in v:
+        return ""
+    energy = float(v["energy_wh"])
+    if state is not None:
+        return state.check_counter(model, energy, time.monotonic() if now is None else now)
+    top = counter_max(model)
+    if top is not None and energy >= top:
+        return f"energy counter {energy:g} Wh is the register's maximum, not a reading"
     return ""
 
 
@@ -103,6 +221,7 @@ class Poller:
         self.states = {s.name: SensorState(cfg=s, shunt_pending=cfg.poller.apply_shunt_codes and s.shunt_a is not None)
                        for s in cfg.enabled_sensors()}
         self.bus_errors: dict[str, str] = {}
+        self.loop_errors: dict[str, int] = {}   # unexpected exceptions caught by bus_loop, by bus
         self.cycles = 0
         self._settle_on_start = settle_on_start
         self._retrying = retrying
@@ -150,16 +269,23 @@ class Poller:
     def _poll_sensor(self, bus: Bus, st: SensorState) -> Reading | None:
         s = st.cfg
         who = f"sensor {s.name!r} (bus {s.bus!r}, address {s.address})"
+        if not st.due(time.monotonic()):
+            return None                                   # down, and backed off (SensorState.due)
         if st.shunt_pending:
             self._apply_shunt(bus, st, who)
         t0 = time.monotonic()
         try:
-            values = read_values(bus, s.meter, s.address)
+            values = read_values(bus, s.meter, s.address, tries=st.tries)
         except (BusError, DeviceError) as e:
             st.polls_failed += 1
             msg = str(e)
-            if st.up is not False or st.last_error.split(" (")[0] != msg.split(" (")[0]:  # not per hex dump
+            probing = st.tries == 1
+            changed = st.last_error.split(" (")[0] != msg.split(" (")[0]  # a change of kind, not of hex dump
+            if (st.up is not False or changed) and not (probing and isinstance(e, NoResponse)):
                 log.warning("%s: %s", who, msg)
+            if st.note_failure(time.monotonic(), silent=isinstance(e, NoResponse)):
+                log.info("%s: down after %d failed polls in a row: polling it every %g s, doubling up to %g s, "
+                            "one try each, until it answers", who, st.fails_in_row, st.backoff_s, BACKOFF_MAX_S)
             st.up, st.last_error = False, msg
             return None
         now_ns = self.clock.stamp_ns() if self.clock else time.time_ns()
@@ -176,7 +302,7 @@ class Poller:
             st.discarded += 1
             log.debug("%s: reading discarded while the meter settles", who)
             return None
-        why = is_plausible(s.meter, values)
+        why = is_plausible(s.meter, values, st, mono)
         if why:
             st.discarded += 1
             log.warning("%s: implausible reading discarded: %s", who, why)
@@ -235,8 +361,8 @@ class Poller:
             lines.append(encode_line(m, {"host": self.host, "bus": st.cfg.bus, "sensor": st.name},
                                      {"polls_ok": st.polls_ok, "polls_failed": st.polls_failed,
                                       "discarded": st.discarded, "latency_ms": round(st.latency_ms, 2),
-                                      "up": bool(st.up)}, now))
-        f: dict[str, float | int | bool | str] = {"cycles": self.cycles}
+                                      "up": bool(st.up), **self._noise_fields(st)}, now))
+        f: dict[str, float | int | bool | str] = {"cycles": self.cycles, "loop_errors": sum(self.loop_errors.values())}
         if spool_stats is not None:
             f["spool_depth"] = spool_stats.depth
             # dropped by the cap, plus lines that could not be stored at all (disk full, I/O error)
@@ -250,16 +376,32 @@ class Poller:
         lines.append(encode_line(m, {"host": self.host, "bus": "_all", "sensor": "_poller"}, f, now))
         return lines
 
+    def _noise_fields(self, st: SensorState) -> dict[str, float | int]:
+        """Line noise and back-off of one meter, for its health point."""
+        bus = self.buses.get(st.cfg.bus)
+        ls = bus.line_stats(st.cfg.address) if bus is not None else None
+        return {"bad_frames": ls.bad_frames if ls else 0, "resyncs": ls.resyncs if ls else 0,
+                "backoff_s": float(st.backoff_status(time.monotonic())["backoff_s"])}
+
+    def _line_status(self, st: SensorState) -> dict[str, object]:
+        """Back-off and line counters of one meter, for `dcmon status`."""
+        bus = self.buses.get(st.cfg.bus)
+        return {**st.backoff_status(time.monotonic()),
+                "line": bus.line_stats(st.cfg.address).as_dict() if bus is not None else {}}
+
     def status(self) -> dict[str, object]:
         return {
             "time": time.time(),
             "pid": os.getpid(),
             "cycles": self.cycles,
-            "buses": {name: {"port": b.settings.port, "error": self.bus_errors.get(name, "")} for name, b in self.buses.items()},
+            "buses": {name: {"port": b.settings.port, "error": self.bus_errors.get(name, ""),
+                             "loop_errors": self.loop_errors.get(name, 0), "line": b.line_stats().as_dict()}
+                      for name, b in self.buses.items()},
             "sensors": {st.name: {"bus": st.cfg.bus, "address": st.cfg.address, "model": st.cfg.model, "up": st.up,
                                   "polls_ok": st.polls_ok, "polls_failed": st.polls_failed, "discarded": st.discarded,
                                   "last_error": st.last_error, "last_time_ns": st.last_time_ns,
-                                  "latency_ms": round(st.latency_ms, 2), "values": st.last_values}
+                                  "latency_ms": round(st.latency_ms, 2), "values": st.last_values,
+                                  **self._line_status(st)}
                         for st in self.states.values()},
         }
 
@@ -276,17 +418,50 @@ def next_deadline(start: float, interval: float, now: float) -> float:
     return start + k * interval
 
 
+NOISE_REPORT_S = 600.0   # bus_loop's summary of recovered garbled replies: at most one line per bus this often
+
+
 def bus_loop(poller: Poller, bus_name: str, stop: threading.Event, progress: Callable[[str], None] | None = None) -> None:
     """Poll one bus on deadlines start + k × interval until stopped. Reports progress (for the systemd
-    watchdog) after each cycle and at least every second while waiting, so only a hung poll stops it."""
+    watchdog) after each cycle and at least every second while waiting, so only a hung poll stops it.
+
+    Guarded: an unexpected exception in a cycle (a bug, or a library raising what it should not) is counted
+    (``Poller.loop_errors``, the health point's ``loop_errors``), logged with its traceback at debug and in one
+    line at error (the same error again at most once a minute), and the loop goes on with the next cycle,
+    at least a second later, so that a cycle that fails at once cannot spin."""
     interval = poller.cfg.poller.interval_s
     name = f"poll:{bus_name}"
     start = time.monotonic()
+    last_error, last_error_at = "", -1e9
+    bus = poller.buses.get(bus_name)
+    noise_seen, noise_at = (bus.line_stats().bad_frames if bus else 0), time.monotonic()
     while not stop.is_set():
-        poller.poll_bus_once(bus_name)
+        failed = False
+        try:
+            poller.poll_bus_once(bus_name)
+        except Exception as e:  # noqa: BLE001 - the guard of a bus thread: nothing may end it but stop
+            failed = True
+            poller.loop_errors[bus_name] = poller.loop_errors.get(bus_name, 0) + 1
+            text = f"{type(e).__name__}: {e}"
+            log.debug("bus %r: unexpected error in a poll cycle", bus_name, exc_info=True)
+            now = time.monotonic()
+            if text != last_error or now - last_error_at >= 60.0:
+                log.error("bus %r: unexpected error in a poll cycle (%s; %d so far), polling goes on; please "
+                          "report it with the debug log (poller.log_level = \"debug\")", bus_name, text,
+                          poller.loop_errors[bus_name])
+                last_error, last_error_at = text, now
         if progress:
             progress(name)
+        if bus is not None and time.monotonic() - noise_at >= NOISE_REPORT_S:
+            bad = bus.line_stats().bad_frames
+            if bad > noise_seen:
+                log.info("bus %r: %d garbled repl%s in the last %.0f min (retried; see dcmon status); check "
+                         "termination, biasing and wiring", bus_name, bad - noise_seen, "y" if bad - noise_seen == 1 else "ies",
+                         (time.monotonic() - noise_at) / 60)
+            noise_seen, noise_at = bad, time.monotonic()
         deadline = next_deadline(start, interval, time.monotonic())
+        if failed:
+            deadline = max(deadline, time.monotonic() + 1.0)
         while not stop.is_set():
             left = deadline - time.monotonic()
             if left <= 0 or stop.wait(min(left, 1.0)):
@@ -541,8 +716,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         state = {True: "up", False: "DOWN", None: "not polled"}[s.get("up")]
         when = f"{(time.time_ns() - s['last_time_ns']) / 1e9:.0f} s ago" if s.get("last_time_ns") else "never"
         vals = f"{v.get('voltage_v', 0):.2f} V {v.get('current_a', 0):.2f} A {v.get('power_w', 0):.1f} W" if v else ""
+        backoff = f"  (backed off: next try in {s.get('retry_in_s', 0):.0f} s)" if s.get("backoff_s") else ""
         print(f"  {name:<12} {state:<10} ok {s['polls_ok']} failed {s['polls_failed']}  last {when}  {vals}"
-              f"{'  ' + s['last_error'] if s.get('last_error') else ''}")
+              f"{'  ' + s['last_error'] if s.get('last_error') else ''}{backoff}")
     sp = data.get("spool", {})
     if sp:
         print(f"spool: {sp.get('depth', 0)} queued, {sp.get('dropped_total', 0)} dropped, {sp.get('quarantined', 0)} quarantined"

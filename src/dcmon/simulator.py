@@ -15,7 +15,9 @@ What it does, like a real meter:
 - the shunt code matters: the meter reports shunt-mV × (range amps / 75 mV), so a meter whose code does not
   match its physical shunt (``true_shunt_a``) reports current off by the ratio, like the real thing;
 - optional faults: ``boot_garbage_s`` (wrong values with a valid CRC just after power-up), ``garble``
-  (corrupt CRC), ``reject_writes`` (a write is echoed but not stored);
+  (corrupt CRC), ``reject_writes`` (a write is echoed but not stored), ``silent`` (a dead meter);
+- line faults (``LineFaults``, per address: leading junk, a foreign-address reply first, a truncated reply
+  first, one-shot garbage replies; on the Simulator: ``echo`` of every request, ``noise()`` bursts);
 - optional wire timing: ``timing=True`` delays each reply by the request and reply lengths on a
   9600-baud 8N2 (or 8N1) line, the 3.5-character silence that ends the request, and ``turnaround_s``, so
   throughput can be measured against the wire limit.
@@ -33,6 +35,7 @@ import termios
 import threading
 import time
 import tty
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -52,6 +55,56 @@ def crc16(data: bytes) -> bytes:
 
 def frame(body: bytes) -> bytes:
     return body + crc16(body)
+
+
+@dataclass
+class LineFaults:
+    """What the line (or a misbehaving adapter or neighbour) does to the replies for one address: the fault
+    modes of issue 12, for tests and bench/bench_bus.py. All off by default; set them before or while serving
+    (``Simulator.faults(address)``). The bytes added are sent in one write with the reply and count in the wire
+    timing (``timing=True``) like the reply's own.
+
+    - ``junk``: these bytes before every reply, and alone when there is none (a transceiver turning around
+      emits 0x00; noise on an unbiased line);
+    - ``foreign``: before every reply, a whole valid reply from this other address (a neighbour answering, or
+      a second master's exchange);
+    - ``truncate``: before every reply, its first N bytes (a reply cut short), then the whole reply;
+    - ``garbage``: one-shot replacements: each reply takes the next entry instead (then normal replies again);
+      ``b""`` means no reply at all.
+    Line-wide faults are on the Simulator: ``echo`` (the adapter echoes every request) and ``noise`` (bytes
+    written once, at once, like a burst on the line)."""
+
+    junk: bytes = b""
+    foreign: int | None = None
+    truncate: int = 0
+    garbage: deque[bytes] = field(default_factory=deque)
+    faulted: int = 0               # replies this changed (for tests)
+
+    def update(self, spec: dict[str, object]) -> LineFaults:
+        """Set from JSON-able values (hex strings for bytes), as bench/bench_bus.py does in its child."""
+        if "junk" in spec:
+            self.junk = bytes.fromhex(str(spec["junk"] or ""))
+        if "foreign" in spec:
+            self.foreign = None if spec["foreign"] is None else int(spec["foreign"])  # type: ignore[call-overload]
+        if "truncate" in spec:
+            self.truncate = int(spec["truncate"] or 0)  # type: ignore[call-overload]
+        for g in spec.get("garbage", []) or []:  # type: ignore[union-attr]
+            self.garbage.append(bytes.fromhex(str(g)))
+        return self
+
+    def apply(self, reply: bytes) -> bytes:
+        """The bytes the line carries for ``reply``."""
+        if self.garbage:
+            self.faulted += 1
+            return self.garbage.popleft()
+        out = self.junk
+        if self.foreign is not None:
+            out += frame(bytes([self.foreign]) + reply[1:-2])
+        if self.truncate:
+            out += reply[:self.truncate]
+        if out:
+            self.faulted += 1
+        return out + reply
 
 
 @dataclass
@@ -222,6 +275,8 @@ class Simulator:
         self.turnaround_s = turnaround_s
         self.link = link
         self.requests = 0
+        self.echo = False                          # the adapter echoes every request (LineFaults)
+        self._faults: dict[int, LineFaults] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._master = self._slave = -1
@@ -274,6 +329,33 @@ class Simulator:
     def meter(self, address: int) -> SimMeter:
         return next(m for m in self.meters if m.address == address)
 
+    def faults(self, address: int) -> LineFaults:
+        """The line faults for replies to ``address`` (made on first use)."""
+        return self._faults.setdefault(address, LineFaults())
+
+    def noise(self, data: bytes) -> None:
+        """Put ``data`` on the line now, unasked (a burst of noise, a foreign device talking)."""
+        if self._master >= 0:
+            os.write(self._master, data)
+
+    def _line(self, req: bytes, out: bytes | None) -> bytes | None:
+        """The line's faults on one exchange: echo ``req`` now (if the adapter echoes), and what it carries for
+        the reply ``out`` (None: no reply)."""
+        if self.echo:
+            try:
+                os.write(self._master, req)
+            except OSError:
+                pass
+        f = self._faults.get(req[0])
+        if out is None:
+            if f and f.junk:             # the turnaround junk comes without a reply too
+                try:
+                    os.write(self._master, f.junk)
+                except OSError:
+                    pass
+            return None
+        return f.apply(out) if f else out
+
     # -------------------------------------------------------------------------------- serving
     def _serve(self) -> None:
         buf = b""
@@ -309,6 +391,7 @@ class Simulator:
     def _dispatch(self, req: bytes, t_rx: float) -> None:
         if crc16(req[:-2]) != req[-2:]:
             log.debug("simulator: bad CRC, ignored: %s", req.hex(" "))
+            self._line(req, None)
             return
         self.requests += 1
         addr, fc, data = req[0], req[1], req[2:-2]
@@ -327,11 +410,15 @@ class Simulator:
                     out = out[:-1] + bytes([out[-1] ^ 0x5A])
                 replies.append(out)
         if addr == 0 or not replies:
+            self._line(req, None)
             return
         if len(replies) == 1:
             out = replies[0]
         else:  # two meters talking at once: the bytes collide on the wire
             out = bytes(a | b for a, b in zip(replies[0], replies[1]))
+        out = self._line(req, out) or b""
+        if not out:
+            return
         if self.timing:
             # request on the wire, the meter's 3.5-character end-of-frame silence, its turnaround, the reply
             due = t_rx + (len(req) + 3.5 + len(out)) * self.char_time_s + self.turnaround_s
@@ -358,4 +445,4 @@ def meters_for(sensors: list[tuple[str, int]], **kw: object) -> list[SimMeter]:
     return out
 
 
-__all__ = ["Drive", "SimMeter", "Simulator", "crc16", "frame", "meters_for"]
+__all__ = ["Drive", "LineFaults", "SimMeter", "Simulator", "crc16", "frame", "meters_for"]
