@@ -21,6 +21,7 @@ VERDICT = re.compile(r"^RATIO (?P<what>.+): .+ \(target [≥≤] [\d.]+ ?(?:%|×
 # (script, the RATIO lines it must print: start of the text after "RATIO ")
 EXPECTED = {
     "bench_bus.py": ["bus throughput, shipped", "bus scaling, shipped"],
+    "bench_config.py": ["config start-up"],
     "bench_cost.py": [f"{what}, min_send_interval_s = {variant}" for variant in ("0 (shipped)", "5")
                       for what in ("CPU per reading", "peak RSS with 32 meters", "CPU at 8 meters × 1 Hz")],
     "bench_encode.py": ["line protocol"],
@@ -51,7 +52,7 @@ def _run(names: list[str]) -> dict[str, subprocess.CompletedProcess]:
 def outputs() -> dict[str, subprocess.CompletedProcess]:
     """One quick run of each: bench_bus (which mostly waits on the simulated wire) beside bench_encode and
     bench_spool (short bursts), then bench_cost alone (it keeps both cores busy)."""
-    return {**_run(["bench_bus.py", "bench_encode.py", "bench_spool.py"]), **_run(["bench_cost.py"])}
+    return {**_run(["bench_bus.py", "bench_encode.py", "bench_spool.py", "bench_config.py"]), **_run(["bench_cost.py"])}
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))
