@@ -96,6 +96,13 @@ def test_cost_benchmark_measured_real_readings(outputs):
     assert re.search(r"^exit status after SIGTERM +0/0 +0/0$", out, re.M), out
 
 
+def test_config_benchmark_compares_the_same_values(outputs):
+    out = outputs["bench_config.py"].stdout
+    assert re.search(r"^now: dataclasses \+ dcmon\.schema +[\d.]+ ", out, re.M), out
+    if "pydantic: not measured (" not in out:      # pip could not fetch pydantic: the RATIO line says SKIP
+        assert "same values from both models: yes" in out, out
+
+
 def test_spool_benchmark_drained_every_point(outputs):
     out = outputs["bench_spool.py"].stdout
     assert re.search(r"^points in InfluxDB: \{'direct1': (\d+), 'spool': \1, 'direct2': \1\}", out, re.M), out

@@ -398,7 +398,8 @@ def test_check_config_names_every_source_version_database_and_spool(tmp_path):
     r = dcmon("check-config", "--config", str(main), env={"DCMON_SPOOL_PATH": str(spool), "DCMON_INFLUXDB_PASSWORD": "pw-x"})
     assert r.returncode == 0, r.stderr
     out = r.stdout
-    assert f"dcmon {__version__}, configuration: {main} + {tmp_path / 'config.local.toml'} + DCMON_SPOOL_PATH + DCMON_INFLUXDB_PASSWORD" in out
+    assert (f"configuration: {main} + {tmp_path / 'config.local.toml'} + DCMON_SPOOL_PATH + DCMON_INFLUXDB_PASSWORD "
+            f"(dcmon {__version__})") in out
     assert "InfluxDB: http://127.0.0.1:8086 (api 1), database 'power'" in out
     assert f"spool: {spool}" in out
     assert "1 sensor(s) on 1 bus(es): battery (PZEM-017 at 1 on a /dev/null)" in out
@@ -446,7 +447,7 @@ def test_poller_first_log_lines_name_what_it_loaded(tmp_path):
     r = dcmon("run", "--once", "--simulate", "--no-print", "--config", str(main))
     assert r.returncode == 0, r.stderr
     head = r.stderr.splitlines()[:4]
-    assert f"dcmon {__version__}, configuration: {main}" in head[0]
+    assert f"configuration: {main} (dcmon {__version__})" in head[0]
     assert "InfluxDB: disabled" in head[1]
     assert f"spool: {tmp_path / 'var' / 'spool.sqlite'}" in head[2]
     assert "1 sensor(s) on 1 bus(es)" in head[3]

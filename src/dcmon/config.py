@@ -386,7 +386,7 @@ class Config:
                   f"database {ix.database!r}" + (f", retention policy {ix.retention_policy!r}" if ix.retention_policy else ""))
         sensors = self.enabled_sensors()
         return [
-            f"dcmon {__version__}, configuration: {' + '.join(self.origins) or self.source}",
+            f"configuration: {' + '.join(self.origins) or self.source} (dcmon {__version__})",
             f"InfluxDB: {ix.url} (api {ix.api}), {target}" if ix.enabled else "InfluxDB: disabled (influxdb.enabled = false)",
             f"spool: {self.resolve(self.spool.path)}",
             f"{len(sensors)} sensor(s) on {len({s.bus for s in sensors})} bus(es): "
