@@ -402,7 +402,7 @@ def test_check_config_names_every_source_version_database_and_spool(tmp_path):
             f"(dcmon {__version__})") in out
     assert "InfluxDB: http://127.0.0.1:8086 (api 1), database 'power'" in out
     assert f"spool: {spool}" in out
-    assert "1 sensor(s) on 1 bus(es): battery (PZEM-017 at 1 on a /dev/null)" in out
+    assert "1 sensor(s) on 1 bus(es): a /dev/null (1)" in out
     assert out.rstrip().endswith(f"{main}: ok")
     assert "pw-x" not in out + r.stderr
 

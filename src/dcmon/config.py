@@ -385,12 +385,13 @@ class Config:
         target = (f"bucket {ix.bucket!r}, org {ix.org!r}" if ix.api == 2 else
                   f"database {ix.database!r}" + (f", retention policy {ix.retention_policy!r}" if ix.retention_policy else ""))
         sensors = self.enabled_sensors()
+        buses = dict.fromkeys(s.bus for s in sensors)
         return [
             f"configuration: {' + '.join(self.origins) or self.source} (dcmon {__version__})",
             f"InfluxDB: {ix.url} (api {ix.api}), {target}" if ix.enabled else "InfluxDB: disabled (influxdb.enabled = false)",
             f"spool: {self.resolve(self.spool.path)}",
-            f"{len(sensors)} sensor(s) on {len({s.bus for s in sensors})} bus(es): "
-            + ", ".join(f"{s.name} ({s.meter.title} at {s.address} on {s.bus} {self.buses[s.bus].port})" for s in sensors),
+            f"{len(sensors)} sensor(s) on {len(buses)} bus(es): "
+            + ", ".join(f"{b} {self.buses[b].port} ({len(self.enabled_sensors(b))})" for b in buses),
         ]
 
 
