@@ -235,7 +235,7 @@ class GrafanaConfig:
     username: str = "admin"
     password: str = key("", secret=True)
     token: str = key("", secret=True, check=_api_token)  # a service-account token; used instead of username/password
-    folder: str = key("DC monitoring", min_len=1)
+    folder: str = "DC monitoring"   # "" = the General folder
 
 
 def _bits_per_char(b: BusConfig, stopbits: int) -> int:
