@@ -55,7 +55,7 @@ from typing import Callable, Iterator
 import serial
 from pymodbus.client import ModbusSerialClient
 
-from dcmon import config
+from dcmon import config, schema
 from dcmon import poller as poller_mod
 from dcmon.bus import Bus, BusSettings
 from dcmon.errors import BusError, DeviceError
@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((label, 1, run_poller(one, seconds, prepare)))
             rows.append((label, args.buses, run_poller(many, seconds, prepare)))
         if not args.quick:
-            default_gap = config.BusConfig.model_fields["gap_s"].default
+            default_gap = schema.keys(config.BusConfig)["gap_s"].default
             rows.append((f"shipped, default gap_s = {default_gap:g}", 1,
                          run_poller(make_config(tmp, paths[:1], args.meters, default_gap), seconds)))
 

@@ -106,14 +106,8 @@ import importlib, json, time
 out = {}
 def step(label, fn):
     t = time.perf_counter(); fn(); out[label] = (time.perf_counter() - t) * 1000
-def first_model():
-    from pydantic import BaseModel
-    class X(BaseModel):
-        a: int = 1
-step("pydantic import", lambda: importlib.import_module("pydantic"))
-step("pydantic's first model (its lazy imports)", first_model)
 step("dcmon.models", lambda: importlib.import_module("dcmon.models"))
-step("dcmon.config (its own models)", lambda: importlib.import_module("dcmon.config"))
+step("dcmon.config (dataclasses + dcmon.schema)", lambda: importlib.import_module("dcmon.config"))
 step("pymodbus.client (via dcmon.bus)", lambda: importlib.import_module("pymodbus.client"))
 step("httpx (via dcmon.grafana)", lambda: importlib.import_module("httpx"))
 step("tomlkit (via dcmon.calibration)", lambda: importlib.import_module("tomlkit"))

@@ -24,6 +24,7 @@ EXPECTED = {
                      *(f"extra bus time a read, {g}" for g in (
                          "1 junk byte", "3 junk bytes", "local echo", "a foreign-address reply", "truncated")),
                      "healthy meters' cadence with one dead meter of 8, shipped"],
+    "bench_config.py": ["config start-up"],
     "bench_cost.py": [f"{what}, min_send_interval_s = {variant}" for variant in ("0 (shipped)", "5")
                       for what in ("CPU per reading", "peak RSS with 32 meters", "CPU at 8 meters × 1 Hz")],
     "bench_encode.py": ["line protocol"],
@@ -54,9 +55,10 @@ def _run(names: list[str]) -> dict[str, subprocess.CompletedProcess]:
 @pytest.fixture(scope="module")
 def outputs() -> dict[str, subprocess.CompletedProcess]:
     """One quick run of each: bench_bus (which mostly waits on the simulated wire) beside bench_encode and
-    bench_spool (short bursts), then bench_cost alone (it keeps both cores busy)."""
+    bench_spool (short bursts), then bench_cost alone (it keeps both cores busy), then bench_dashboards, then
+    bench_config alone (its back-to-back interpreters would starve the timed simulators)."""
     return {**_run(["bench_bus.py", "bench_encode.py", "bench_spool.py"]), **_run(["bench_cost.py"]),
-            **_run(["bench_dashboards.py"])}
+            **_run(["bench_dashboards.py"]), **_run(["bench_config.py"])}
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))
@@ -104,6 +106,13 @@ def test_dashboard_benchmark_compares_the_same_energy(outputs):
     out = outputs["bench_dashboards.py"].stdout
     assert "same energy from raw and downsampled: yes" in out, out
     assert re.search(r"^energy per week .* dcmon_1h ", out, re.M), out
+
+
+def test_config_benchmark_compares_the_same_values(outputs):
+    out = outputs["bench_config.py"].stdout
+    assert re.search(r"^now: dataclasses \+ dcmon\.schema +[\d.]+ ", out, re.M), out
+    if "pydantic: not measured (" not in out:      # pip could not fetch pydantic: the RATIO line says SKIP
+        assert "same values from both models: yes" in out, out
 
 
 def test_spool_benchmark_drained_every_point(outputs):

@@ -249,7 +249,7 @@ health_interval_s = 0
 port = "{port}"
 timeout_s = 0.1
 retries = 1
-gap_s = 0
+gap_s = 0.005
 
 [[sensors]]
 name = "dead"

@@ -243,7 +243,7 @@ host = "testhost"
 port = "{sim.path}"
 timeout_s = 0.3
 retries = 0
-gap_s = 0
+gap_s = 0.005
 [[sensors]]
 name = "battery"
 bus = "a"

@@ -430,9 +430,8 @@ def toml_value(v: object) -> str:
 
 def test_configuration_doc_lists_every_key_with_its_default():
     """docs/configuration.md is the reference: every key of every table, with the default from config.py."""
-    from pydantic import BaseModel
-
     from dcmon import config as c
+    from dcmon.schema import MISSING, default, keys
 
     doc = (ROOT / "docs/configuration.md").read_text()
     sections = {m.group(1): m.start() for m in re.finditer(r"^## `\[\[?([a-z.]+)(?:\.NAME)?\]?\]`", doc, re.M)}
@@ -445,17 +444,15 @@ def test_configuration_doc_lists_every_key_with_its_default():
         start = sections[table]
         end = min([p for p in sections.values() if p > start] + [len(doc)])
         body = doc[start:end]
-        for key, field in model.model_fields.items():
-            if key in ("name",) and model is c.BusConfig:
-                continue  # the table's own name, [buses.NAME]
+        for key, field in keys(model).items():
             row = next((line for line in body.splitlines() if line.startswith(f"| `{key}`")), None)
             if row is None:
                 missing.append(f"{table}.{key}")
                 continue
-            default = field.get_default(call_default_factory=True)
-            if isinstance(default, (bool, int, float, str)) and not isinstance(default, BaseModel) and field.is_required() is False:
-                shown = toml_value(default)
-                if shown not in row and not (isinstance(default, float) and repr(int(default)) in row):
+            value = default(field)
+            if value is not MISSING and isinstance(value, (bool, int, float, str)):
+                shown = toml_value(value)
+                if shown not in row and not (isinstance(value, float) and repr(int(value)) in row):
                     missing.append(f"{table}.{key} default {shown}")
     assert missing == [], f"docs/configuration.md lacks: {missing}"
 

@@ -22,6 +22,7 @@ import pytest
 
 from dcmon import cli
 from dcmon import config as c
+from dcmon.schema import keys
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -186,8 +187,8 @@ def config_key_problem(text: str) -> str | None:
     if table not in TABLES:
         return f"no table [{table}] in dcmon.config (tables: {', '.join(TABLES)})"
     key = m.group("key")
-    if key and not fnmatch.filter(TABLES[table].model_fields, key):
-        return f"no key {key!r} in [{table}] (keys: {', '.join(TABLES[table].model_fields)})"
+    if key and not fnmatch.filter(keys(TABLES[table]), key):
+        return f"no key {key!r} in [{table}] (keys: {', '.join(keys(TABLES[table]))})"
     return None
 
 

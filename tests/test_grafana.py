@@ -76,13 +76,13 @@ database = "{db}"
 port = "{dc}"
 timeout_s = 0.15
 retries = 0
-gap_s = 0
+gap_s = 0.005
 
 [buses.grid]
 port = "{ac}"
 timeout_s = 0.15
 retries = 0
-gap_s = 0
+gap_s = 0.005
 
 [[sensors]]
 name = "battery"

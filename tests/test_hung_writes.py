@@ -207,7 +207,7 @@ def test_noisy_line_logs_per_change_of_kind_not_per_hex_dump(tmp_path, caplog):
 port = "{sim.path}"
 timeout_s = 0.2
 retries = 0
-gap_s = 0
+gap_s = 0.005
 [[sensors]]
 name = "battery"
 bus = "a"

@@ -25,7 +25,7 @@ host = "testhost"
 port = "{port}"
 timeout_s = 0.15
 retries = 0
-gap_s = 0
+gap_s = 0.005
 
 [[sensors]]
 name = "battery"

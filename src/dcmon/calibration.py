@@ -21,7 +21,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Mapping, MutableMapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +121,7 @@ def check_gain(quantity: str, f: Fit) -> None:
 def calibration_from(existing: Calibration, voltage: Fit | None, current: Fit | None) -> Calibration:
     """The new calibration: fitted quantities replace the old values (raw readings were fitted, so fits do
     not compose with the old ones); a quantity without reference points keeps what it had."""
-    data = existing.model_dump()
+    data = asdict(existing)
     if voltage is not None:
         check_gain("voltage", voltage)
         data.update(voltage_gain=round(voltage.gain, 6), voltage_offset=round(voltage.offset, 4))
@@ -188,7 +188,7 @@ def save_calibration(path: str | os.PathLike[str], sensor: str, cal: Calibration
     if table is None:
         raise ConfigError(str(p), "sensors", f"no sensor named {sensor!r} in this file",
                           "add it there first (dcmon calibrate edits the file that defines the sensor)")
-    values = {k: float(v) for k, v in cal.model_dump().items()}
+    values = {k: float(v) for k, v in asdict(cal).items()}
     if "calibration" in table:
         section = table["calibration"]
         for k, v in values.items():

@@ -11,7 +11,6 @@ import importlib
 import logging
 import os
 import sys
-from pathlib import Path
 
 from . import __version__
 from .errors import ConfigError, DcmonError
@@ -27,7 +26,7 @@ COMMAND_MODULES = (
 )
 
 # The module that adds each command: `dcmon <command>` imports only that one, since the command modules'
-# imports (pydantic, pymodbus, httpx) are nearly all of start-up (seconds on a Pi Zero). --help, --version
+# imports (pymodbus, httpx) are nearly all of start-up (seconds on a Pi Zero). --help, --version
 # and unknown commands build the whole tree. tests/test_cli.py checks this table against the modules.
 COMMAND_OWNERS = {
     **dict.fromkeys(("run", "check-config", "simulate", "status"), "dcmon.poller"),
@@ -38,24 +37,35 @@ COMMAND_OWNERS = {
     "influx-setup": "dcmon.influx_setup",
 }
 
-DEFAULT_CONFIGS = ("config.toml", "/etc/dcmon/config.toml")
+# Which configuration a command uses, first match wins (docs/configuration.md, "Which file"):
+#   1. --config FILE;  2. $DCMON_CONFIG;  3. INSTALLED_CONFIG when the service is installed (the file exists,
+#   or /etc/dcmon is there but closed to this user: the installed layout is root:dcmon 0750);
+#   4. ./config.toml (a checkout). The chosen file is named by check-config and the poller's first log lines.
+INSTALLED_CONFIG = "/etc/dcmon/config.toml"
+CHECKOUT_CONFIG = "config.toml"
+CONFIG_HELP = ("configuration file (default: $DCMON_CONFIG, else /etc/dcmon/config.toml when installed, "
+               "else ./config.toml)")
 
 
-def default_config() -> str:
-    env = os.environ.get("DCMON_CONFIG")
-    if env:
-        return env
-    for c in DEFAULT_CONFIGS:
-        if Path(c).exists():
-            return c
-    return DEFAULT_CONFIGS[0]
+def default_config(env: dict[str, str] | None = None) -> str:
+    """The configuration file to use when no --config is given (the order above). Never raises."""
+    env = os.environ if env is None else env
+    if env.get("DCMON_CONFIG"):
+        return env["DCMON_CONFIG"]
+    try:
+        os.stat(INSTALLED_CONFIG)
+        return INSTALLED_CONFIG
+    except PermissionError:   # installed, and this user may not look in: reading it will say what to do
+        return INSTALLED_CONFIG
+    except OSError:
+        return CHECKOUT_CONFIG
 
 
 def common_parser() -> argparse.ArgumentParser:
     """Options every subcommand takes (also accepted before the subcommand)."""
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--config", "-c", default=argparse.SUPPRESS,
-                   help="configuration file (default: $DCMON_CONFIG, ./config.toml, /etc/dcmon/config.toml)")
+                   help=CONFIG_HELP)
     p.add_argument("--log-level", default=argparse.SUPPRESS, choices=("debug", "info", "warning", "error"),
                    help="how much to log (default: the config's poller.log_level, or info)")
     return p

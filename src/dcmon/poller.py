@@ -524,6 +524,10 @@ def run(cfg: Config, *, simulate: bool = False, once: bool = False, echo: bool =
     from .sender import Sender
     from .spool import Spool
 
+    cfg.require_sensors()   # the last checks before any I/O: something to poll, a spool we can write
+    cfg.check_spool()
+    for line in cfg.describe():
+        log.info("%s", line)
     stop = stop or threading.Event()
     sims = start_simulators(cfg) if simulate else []
     clock = clock or Clock()  # one clock for stamps and the spool (held readings, the age cap)
@@ -655,25 +659,26 @@ def _write_status(path: Path, data: dict[str, object]) -> None:
 
 # ---------------------------------------------------------------------------------------- commands
 
-def _setup(args: argparse.Namespace) -> Config:
-    cfg = load(args.config)
+def _setup(args: argparse.Namespace, cli: dict[str, tuple[str, object]] | None = None) -> Config:
+    cfg = load(args.config, cli=cli)
     level = args.log_level or cfg.poller.log_level
     logging.getLogger().setLevel(getattr(logging, level.upper()))
     return cfg
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = _setup(args)
-    if args.interval is not None:
-        cfg.poller.interval_s = args.interval
+    # command-line overrides go through the config's own validation (a range, and nan/inf refused)
+    cfg = _setup(args, {"poller.interval_s": ("--interval", args.interval)} if args.interval is not None else None)
     echo = args.print if args.print is not None else (sys.stdout.isatty() or args.simulate)
     return run(cfg, simulate=args.simulate, once=args.once, echo=echo, hint_simulate=not args.simulate)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = load(args.config)
-    print(f"{cfg.source}: ok: {len(cfg.enabled_sensors())} sensor(s) on {len(cfg.buses)} bus(es), "
-          f"InfluxDB {'v' + str(cfg.influxdb.api) + ' at ' + cfg.influxdb.url if cfg.influxdb.enabled else 'disabled'}")
+    cfg.require_sensors()
+    cfg.check_spool()
+    print("\n".join(cfg.describe()))
+    print(f"{cfg.source}: ok")
     return 0
 
 
@@ -735,7 +740,10 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     p.add_argument("--no-print", dest="print", action="store_false", help="do not print readings")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("check-config", parents=[common], help="validate the configuration and exit")
+    p = sub.add_parser("check-config", parents=[common], help="validate the configuration and exit",
+                       description="Check the configuration whole (every key, file and the spool's folder) without "
+                                   "touching a meter or the network, and name the files merged. Exit 2 on a problem.",
+                       epilog="example: sudo -u dcmon dcmon check-config")
     p.set_defaults(func=cmd_check_config)
 
     p = sub.add_parser("simulate", parents=[common], help="serve simulated PZEM meters on a pseudo-terminal")

@@ -243,7 +243,7 @@ def cmd_check_accuracy(args: argparse.Namespace) -> int:
     if not samples:
         note("no points entered: nothing checked")
         return 1
-    existing = t.sensor.calibration if t.sensor else Calibration.model_validate({})
+    existing = t.sensor.calibration if t.sensor else Calibration()
     ok = report(t, samples, existing, None)
     what = "dcmon's calibrated values are" if not existing.is_identity else "the meter is"
     if ok:
