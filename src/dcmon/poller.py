@@ -470,7 +470,7 @@ def run(cfg: Config, *, simulate: bool = False, once: bool = False, echo: bool =
         watchdog.register(f"poll:{name}")
     if not poller.states:
         log.warning("no enabled sensors in %s: nothing to poll", cfg.source)
-    if not sink:
+    if not sink and once:  # the sender's thread says it when the poller runs on
         log.warning("influxdb.enabled = false: readings are kept in the spool %s only", cfg.resolve(cfg.spool.path))
     try:
         if once:
