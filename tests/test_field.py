@@ -309,7 +309,7 @@ def test_status_command_running_stopped_and_killed(tmp_path):
                     break
                 time.sleep(0.5)
             assert code == STATUS_OK, line
-            assert line.startswith("dcmon OK: poller pid") and "1 of 1 sensor(s) up" in line
+            assert line.startswith("DCMON OK: poller pid") and "1 of 1 sensor(s) up" in line
             proc.send_signal(signal.SIGTERM if how == "stop" else signal.SIGKILL)
             proc.wait(timeout=30)
         finally:

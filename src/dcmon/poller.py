@@ -831,9 +831,9 @@ def _status_verdict(code: int, problems: list[str], data: dict | None = None) ->
         sensors = data.get("sensors") or {}
         up = sum(1 for s in sensors.values() if s.get("up"))
         depth = (data.get("spool") or {}).get("depth", 0)
-        return (f"dcmon OK: poller pid {data.get('pid')} running, {up} of {len(sensors)} sensor(s) up, "
+        return (f"DCMON OK: poller pid {data.get('pid')} running, {up} of {len(sensors)} sensor(s) up, "
                 f"{depth} reading(s) queued")
-    return f"dcmon {_VERDICT[code]}: " + "; ".join(problems)
+    return f"DCMON {_VERDICT[code]}: " + "; ".join(problems)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -855,7 +855,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"health": {"status": _VERDICT[code], "exit": code, "problems": [problem]}}))
         else:
-            print(f"dcmon {_VERDICT[code]}: {problem}")
+            print(f"DCMON {_VERDICT[code]}: {problem}")
         return code
     code, problems = assess(data, max_age_s=args.max_age, max_backlog_s=args.max_backlog)
     if args.json:
