@@ -268,6 +268,9 @@ def test_the_service_user_runs_everything(layout, influxd):
         assert r.returncode == 0, f"{args}: {r.stderr}"
     r = layout.run("service", "run", "--test", "--simulate", *cfg)
     assert r.returncode == 0 and r.stdout.count("dc_power,") == 1
+    # a member of group dcmon may read the config, but SQLite must write beside the spool even to read it
+    r = layout.run("member", "spool", "status", *cfg)
+    assert r.returncode == 1 and "sudo -u" in one_line_hint(r) and "dcmon spool status" in r.stderr, r.stderr
 
 
 # The configuration lookup (which config.toml is used without --config: $DCMON_CONFIG, the installed

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 from datetime import datetime, timezone
@@ -16,7 +17,7 @@ from typing import Any
 
 from . import config as config_mod
 from .errors import DcmonError
-from .spool import Spool
+from .spool import Spool, SpoolError
 from .helptext import Formatter
 
 
@@ -92,6 +93,29 @@ def _open(args: argparse.Namespace) -> Spool | None:
     except FileNotFoundError:
         print(f"no spool yet at {path} (`dcmon run` creates it)", file=sys.stderr)
         return None
+    except SpoolError:
+        owner = _not_mine(path.parent)
+        if owner:  # SQLite needs to write beside the file (WAL), even to read it
+            words = " ".join(a for a in sys.argv[1:] if a not in ("--config", "-c", args.config)) or "spool status"
+            raise DcmonError(f"the spool {path} belongs to {owner}, and this user may not write beside it; run "
+                             f"it as that user: sudo -u {owner} dcmon {words}") from None
+        raise
+
+
+def _not_mine(folder: Path) -> str:
+    """The owner's name when this user may not write in ``folder`` (the spool's), else ""."""
+    import pwd
+
+    try:
+        st = folder.stat()
+    except OSError:
+        return ""
+    if os.access(folder, os.W_OK | os.X_OK):
+        return ""
+    try:
+        return pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        return "dcmon"
 
 
 def _when(ns: int | None) -> str:
