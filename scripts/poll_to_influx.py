@@ -30,9 +30,10 @@ def bootstrap() -> None:
             fail("the package is still not importable from .venv; rerun: .venv/bin/pip install -e .")
         print("poll_to_influx: installing dcmon and its dependencies into .venv (first run only; pip shows its "
               "progress below) ...", file=sys.stderr, flush=True)
-        # Not --quiet: on a Pi this takes a minute or more, and silence looks like a hang.
+        # Not --quiet: on a Pi this takes a minute or more, and silence looks like a hang. On stderr, so that
+        # stdout stays the poller's (run --test prints line protocol there).
         if subprocess.run([sys.executable, "-m", "pip", "install", "--disable-pip-version-check",
-                           "--progress-bar", "on", "-e", str(ROOT)]).returncode != 0:
+                           "--progress-bar", "on", "-e", str(ROOT)], stdout=sys.stderr).returncode != 0:
             fail("installing the package into .venv failed (see pip's message above)")
         print(f"poll_to_influx: installed. The dcmon command is {VENV / 'bin' / 'dcmon'} (or, in this shell, "
               f"`. .venv/bin/activate`, then `dcmon --help`)", file=sys.stderr, flush=True)
