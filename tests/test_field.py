@@ -419,3 +419,30 @@ def test_read_with_one_configured_sensor_does_not_ask_which(tmp_path, capsys):
     cap = capsys.readouterr()
     assert rc == 0, cap.err
     assert json.loads(cap.out)["sensor"] == "battery"
+
+
+def test_database_not_found_is_said_once_with_the_spool_count(tmp_path, influxd, capsys):
+    """One cause, one sentence: the sink names the missing database; the sender (or --once) adds, once, that
+    the readings are kept, with their number."""
+    from dcmon.influx import InfluxSink
+    from dcmon.sender import Sender
+    from dcmon.spool import Spool
+
+    with Simulator([commissioned()]) as sim:
+        text = write_cfg(tmp_path, sim.path).read_text().replace(
+            "enabled = false", f'enabled = true\nurl = "{influxd.url}"\ndatabase = "no_such_db"')
+        (tmp_path / "config.toml").write_text(text)
+        rc = main(["run", "--once", "--no-print", "--config", str(tmp_path / "config.toml")])
+    err = capsys.readouterr().err
+    assert rc == 0, "the readings are safe in the spool"
+    assert "database 'no_such_db' not found;" in err and err.count("in the spool") == 1, err
+    assert err.count("not found") == 1, "InfluxDB's own 'database not found' is not repeated"  
+    cfg = config.load(tmp_path / "config.toml", env={})
+    with Spool.open(tmp_path / "spool.sqlite", max_bytes=1 << 20, max_age_s=86400) as sp:
+        sink = InfluxSink(cfg.influxdb)
+        try:
+            Sender(sp, sink).flush(timeout_s=0.5)   # main() above set up logging to stderr, as the service has it
+        finally:
+            sink.close()
+    said = [line for line in capsys.readouterr().err.splitlines() if "no_such_db" in line]
+    assert len(said) == 1 and said[0].count("in the spool") == 1 and "(1 queued)" in said[0], said

@@ -78,7 +78,8 @@ class InfluxSink:
         if s == 404:
             target = f"bucket {self.cfg.bucket!r} in org {self.cfg.org!r}" if self.cfg.api == 2 else f"database {self.cfg.database!r}"
             # no "readings stay in the spool" here: the sender says that, with the count, once
-            raise SinkAuth(f"{self.where}: {target} not found ({msg}); create it or fix the config", status=s)
+            detail = "" if "not found" in msg.lower() else f" ({msg})"   # InfluxDB's own words often say it again
+            raise SinkAuth(f"{self.where}: {target} not found{detail}; create it or fix the config", status=s)
         if s == 413:
             raise SinkTooLarge(f"{self.where}: batch too large (413)", status=s)
         if s == 429 or s >= 500:
