@@ -439,9 +439,9 @@ def format_reading(r: Reading) -> str:
     return text
 
 
-def run(cfg: Config, *, simulate: bool = False, once: bool = False, echo: bool = False,
+def run(cfg: Config, *, simulate: bool = False, once: bool = False, echo: bool | None = None,
         stop: threading.Event | None = None, hint_simulate: bool = False, test: bool = False) -> int:
-    """The main job. Returns the exit status."""
+    """The main job. Returns the exit status. ``echo``: print each reading (default: with ``once`` only)."""
     from .influx import InfluxSink
     from .sender import Sender
     from .spool import Spool
@@ -463,7 +463,7 @@ def run(cfg: Config, *, simulate: bool = False, once: bool = False, echo: bool =
         print(format_reading(r), flush=True)
 
     watchdog = Watchdog.from_env(loops=["send"])
-    poller = Poller(cfg, put=put, on_reading=show if echo else None, retrying=not once,
+    poller = Poller(cfg, put=put, on_reading=show if (once if echo is None else echo) else None, retrying=not once,
                     hint_simulate=hint_simulate, progress=watchdog.progress)
     poller.restore_counters(_load_counters(spool))
     for name in poller.buses:
@@ -512,13 +512,10 @@ def _poll_all_once(poller: Poller) -> None:
 
 
 def _cycle_status(poller: Poller) -> int:
-    """--once and --test: 1 when a meter failed or a reading was discarded (each said why already)."""
+    """--once and --test: 1 when a meter failed or a reading was discarded (each was logged once already, with
+    its cause: no summary line that says it again)."""
     failed = [st.name for st in poller.states.values() if not st.up]
     discarded = sum(st.discarded for st in poller.states.values())
-    if failed:
-        log.warning("%d of %d meter(s) gave no reading: %s", len(failed), len(poller.states), ", ".join(failed))
-    if discarded:
-        log.warning("%d reading(s) discarded as implausible (see above)", discarded)
     return 1 if failed or discarded or not poller.states else 0
 
 
@@ -571,7 +568,7 @@ def _run_once(cfg: Config, poller: Poller, sender: Sender, spool: Spool) -> int:
                 return 1
             if stats.depth:
                 log.info("%d reading(s) still queued in the spool %s", stats.depth, spool.path)
-            else:
+            elif any(st.up for st in poller.states.values()):
                 log.info("all readings written to %s", cfg.influxdb.url)
     return _cycle_status(poller)
 
