@@ -30,6 +30,7 @@ from tomlkit.exceptions import TOMLKitError
 
 from .config import Calibration, local_path_for
 from .errors import ConfigError, DcmonError
+from .models import Model, decimals
 
 SPEC_PERCENT = 1.0  # PZEM-003/017 (and the AC models): specified accuracy of 1 %
 
@@ -135,24 +136,34 @@ def fit_of(cal: Calibration, quantity: str) -> Fit:
     return Fit(getattr(cal, f"{quantity}_gain"), getattr(cal, f"{quantity}_offset"))
 
 
-def apply_calibration(values: Mapping[str, Any], cal: Calibration) -> dict[str, Any]:
+def apply_calibration(values: Mapping[str, Any], cal: Calibration, model: Model | None = None) -> dict[str, Any]:
     """Decoded values with the calibration applied: voltage and current corrected (never below 0: the
     meters measure magnitudes), power scaled by the same correction (P = V × I × power factor, so the
     factor is V_cal·I_cal / V·I). The energy counter is the meter's own integral and stays as it is.
+
+    Corrected values are rounded to the meter's resolution (``model``'s registers: 0.01 V, 0.01 A, 0.1 W for a
+    PZEM-017): a correction makes a value more accurate, not finer, and 163.83947936847986 W stored in
+    InfluxDB would claim digits no meter gave. Without a model: 4, 5 and 3 decimals.
     Returns a new dict; the input is not changed."""
     out = dict(values)
     if cal.is_identity:
         return out
+    places = {"voltage_v": 4, "current_a": 5, "power_w": 3}
+    if model is not None:
+        places.update({r.name: decimals(r.scale) for r in model.inputs if r.name in places})
     v, i = values.get("voltage_v"), values.get("current_a")
-    # rounded a little finer than the meters' resolution, so stored values are not 12.120000000000001
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        out["voltage_v"] = round(max(0.0, fit_of(cal, "voltage").apply(v)), 4)
-    if isinstance(i, (int, float)) and not isinstance(i, bool):
-        out["current_a"] = round(max(0.0, fit_of(cal, "current").apply(i)), 5)
+    if _number(v):
+        out["voltage_v"] = round(max(0.0, fit_of(cal, "voltage").apply(v)), places["voltage_v"])
+    if _number(i):
+        out["current_a"] = round(max(0.0, fit_of(cal, "current").apply(i)), places["current_a"])
     p = values.get("power_w")
-    if isinstance(p, (int, float)) and not isinstance(p, bool) and v and i:
-        out["power_w"] = p * (out["voltage_v"] * out["current_a"]) / (v * i)
+    if _number(p) and v and i:
+        out["power_w"] = round(p * (out["voltage_v"] * out["current_a"]) / (v * i), places["power_w"])
     return out
+
+
+def _number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 # ------------------------------------------------------------------------------------- config file

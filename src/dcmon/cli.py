@@ -89,8 +89,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     common = common_parser()
     command = _command_named(argv or [])
     modules = (COMMAND_OWNERS[command],) if command in COMMAND_OWNERS else COMMAND_MODULES
-    parser = argparse.ArgumentParser(prog="dcmon", parents=[common],
-                                     description="PZEM power meters on RS485 → InfluxDB → Grafana")
+    from .helptext import Formatter, examples
+
+    parser = argparse.ArgumentParser(prog="dcmon", parents=[common], formatter_class=Formatter,
+                                     description="PZEM power meters on RS485 → InfluxDB → Grafana. "
+                                                 "`dcmon COMMAND --help` explains each command.",
+                                     epilog=examples("dcmon run --simulate        # try it without hardware",
+                                                     "dcmon status                # is the service healthy?",
+                                                     "dcmon scan --bus rs485      # which meters answer?"))
     parser.add_argument("--version", action="version", version=f"dcmon {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True

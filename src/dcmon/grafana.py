@@ -27,6 +27,7 @@ import httpx
 
 from .config import Config, load
 from .errors import ConfigError, DcmonError
+from .helptext import Formatter
 
 
 DS_UID = "dcmon-influxdb"        # grafana/provisioning/datasources/dcmon.yaml pins the same uid
@@ -215,8 +216,14 @@ def cmd_grafana_import(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("grafana-import", parents=[common],
-                       help="load the dashboards (and, if missing, the data source) into Grafana via its HTTP API")
+    p = sub.add_parser("grafana-import", parents=[common], formatter_class=Formatter,
+                       help="load the dashboards (and, if missing, the data source) into Grafana via its HTTP API",
+                       description="Load dcmon's dashboards into a running Grafana through its HTTP API, and create "
+                                   "the InfluxDB data source when it is missing. Grafana's URL and credentials come "
+                                   "from [grafana] in the config (or DCMON_GRAFANA_TOKEN). Importing again replaces "
+                                   "the dashboards.",
+                       epilog="examples:\n  dcmon grafana-import\n  dcmon grafana-import --folder Energy "
+                              "--datasource-uid my-influx")
     p.add_argument("--dashboards", metavar="DIR", default=None,
                    help="folder with the dashboard JSON files (default: grafana/dashboards of this checkout)")
     p.add_argument("--folder", default=None, help="Grafana folder to import into (default: grafana.folder; '' = General)")

@@ -167,11 +167,12 @@ class InfluxSink:
         if s in (401, 403):
             what = "token" if self.cfg.api == 2 or self.cfg.token else "username/password"
             raise SinkAuth(f"{self.where} refused the {what} ({s}): {msg}; fix influxdb credentials "
-                           f"(DCMON_INFLUXDB_TOKEN / config.local.toml); readings stay in the spool", status=s)
+                           f"(DCMON_INFLUXDB_TOKEN / config.local.toml)", status=s)
         if s == 404:
             target = f"bucket {self.cfg.bucket!r} in org {self.cfg.org!r}" if self.cfg.api == 2 else f"database {self.cfg.database!r}"
-            raise SinkAuth(f"{self.where}: {target} not found ({msg}); create it or fix the config; "
-                           f"readings stay in the spool", status=s)
+            # no "readings stay in the spool" here: the sender says that, with the count, once
+            detail = "" if "not found" in msg.lower() else f" ({msg})"   # InfluxDB's own words often say it again
+            raise SinkAuth(f"{self.where}: {target} not found{detail}; create it or fix the config", status=s)
         if s == 413:
             raise SinkTooLarge(f"{self.where}: batch too large (413)", status=s)
         if s == 429 or s >= 500:

@@ -503,8 +503,17 @@ def cmd_influx_setup(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("influx-setup", parents=[common],
-                       help="create the database, retention policies and downsampling (InfluxDB 1.x; safe to re-run)")
+    from .helptext import Formatter, examples
+
+    p = sub.add_parser("influx-setup", parents=[common], formatter_class=Formatter,
+                       help="create the database, retention policies and downsampling (InfluxDB 1.x; safe to re-run)",
+                       description="Create the database, the retention policies (raw readings for influxdb.raw_days, "
+                                   "1-minute series for minute_days, 1-hour series for hour_days) and the continuous "
+                                   "queries that downsample into them, then downsample what is already stored. Safe to "
+                                   "run again: it changes only what differs and says what it changed.",
+                       epilog=examples("dcmon influx-setup",
+                                       "dcmon influx-setup --downsample 3d     # redo the last 3 days' series by hand",
+                                       "dcmon influx-setup --print-flux       # the InfluxDB 2.x equivalent, changing nothing"))
     p.add_argument("--downsample", metavar="WINDOW", default=None,
                    help="also redo the 1-minute and 1-hour series of the last WINDOW (e.g. 6h, 3d) from the raw data")
     p.add_argument("--print-flux", action="store_true",

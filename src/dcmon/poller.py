@@ -34,11 +34,12 @@ from .bus import Bus
 from .calibration import apply_calibration
 from .clock import Clock
 from .config import Config, SensorConfig, load
-from .errors import BusError, DcmonError, DeviceError, NoResponse, PortNotFound, SinkError
-from .meter import read_values, set_shunt
+from .errors import BusError, ConfigError, DcmonError, DeviceError, NoResponse, PortNotFound, SinkError
+from .meter import read_shunt, read_values, set_shunt
 from .models import FieldValue, Model, RegType
 from .reading import Reading, encode_head, encode_line
 from .systemd import Watchdog
+from .helptext import Formatter
 
 if TYPE_CHECKING:
     from .sender import Sender
@@ -87,6 +88,10 @@ class SensorState:
     counter_ref: tuple[float, float] | None = None
     _jump: tuple[float, float] | None = None
     _jump_run: int = 0
+    failed_at_last_ok: int = 0       # polls_failed at the last good poll ("answers again" counts one outage)
+    shunt_checked: bool = False      # current-range register read since start-up, or since the meter came back
+    shunt_warned: int | None = None  # the mismatched code already warned about (-1: an unknown code)
+    shunt_error: str = ""            # kind of the last failure to apply the shunt code (logged once per change)
 
     @property
     def name(self) -> str:
@@ -271,7 +276,7 @@ class Poller:
         who = f"sensor {s.name!r} (bus {s.bus!r}, address {s.address})"
         if not st.due(time.monotonic()):
             return None                                   # down, and backed off (SensorState.due)
-        if st.shunt_pending:
+        if st.shunt_pending and st.up is not False:  # a meter that is down gets it when it answers again
             self._apply_shunt(bus, st, who)
         t0 = time.monotonic()
         try:
@@ -293,11 +298,16 @@ class Poller:
         st.latency_ms = (mono - t0) * 1000.0
         st.polls_ok += 1
         if st.up is False:
-            log.info("%s answers again (after %d failed polls)", who, st.polls_failed)
+            outage = st.polls_failed - st.failed_at_last_ok
+            log.info("%s answers again (after %d failed poll%s)", who, outage, "" if outage == 1 else "s")
             st.settle_until = mono + self.cfg.poller.settle_s
+            self._came_back(st)
         elif st.up is None and self._settle_on_start:
             st.settle_until = mono + self.cfg.poller.settle_s
         st.up, st.last_error = True, ""
+        st.failed_at_last_ok = st.polls_failed
+        if not st.shunt_checked:
+            self._check_shunt(bus, st, who)
         if mono < st.settle_until:
             st.discarded += 1
             log.debug("%s: reading discarded while the meter settles", who)
@@ -307,7 +317,7 @@ class Poller:
             st.discarded += 1
             log.warning("%s: implausible reading discarded: %s", who, why)
             return None
-        values = apply_calibration(values, s.calibration)
+        values = apply_calibration(values, s.calibration, s.meter)
         energy = float(values["energy_wh"])
         reset = st.last_energy is not None and energy < st.last_energy
         if reset:
@@ -342,13 +352,72 @@ class Poller:
         try:
             changed = set_shunt(bus, s.meter, s.address, s.shunt_a)
         except (BusError, DeviceError) as e:
-            log.warning("%s: could not apply shunt code for %d A: %s (will retry)", who, s.shunt_a, e)
+            kind = f"{type(e).__name__}:{getattr(e, 'code', '')}"   # not the text: a garbled reply differs each time
+            if st.shunt_error != kind:
+                log.warning("%s: could not apply shunt code for %d A: %s (retrying at each poll, logged again "
+                            "only when this changes)", who, s.shunt_a, e)
+                st.shunt_error = kind
             return
-        st.shunt_pending = False
+        st.shunt_pending, st.shunt_checked, st.shunt_error = False, True, ""
         if changed:
             log.info("%s: shunt code set to %d A and read back", who, s.shunt_a)
         else:
             log.info("%s: shunt code already %d A", who, s.shunt_a)
+
+    def _came_back(self, st: SensorState) -> None:
+        """A meter that answers again after being down may have been power-cycled or replaced: check (or
+        apply) its shunt code again."""
+        st.shunt_checked = False
+        if self.cfg.poller.apply_shunt_codes and st.cfg.shunt_a is not None and st.cfg.meter.shunt_codes:
+            st.shunt_pending = True
+
+    def _check_shunt(self, bus: Bus, st: SensorState, who: str) -> None:
+        """Read the current-range register once (at start-up, and after the meter comes back) and warn, once,
+        when it does not match ``shunt_a``: the meter then reads current, power and energy off by a factor.
+        Writing it stays opt-in (``poller.apply_shunt_codes``, which checks by itself)."""
+        s = st.cfg
+        if s.shunt_a is None or not s.meter.shunt_codes or self.cfg.poller.apply_shunt_codes:
+            st.shunt_checked = True
+            return
+        try:
+            amps = read_shunt(bus, s.meter, s.address)
+        except DeviceError as e:
+            st.shunt_checked = True
+            log.warning("%s: cannot read its shunt code (%s): is it really a %s? (dcmon scan tells the models "
+                        "apart)", who, e, s.meter.title)
+            return
+        except BusError:
+            return  # the values came a moment ago: a passing line error; try again at the next poll
+        st.shunt_checked = True
+        if amps == s.shunt_a:
+            if st.shunt_warned is not None:
+                log.info("%s: shunt code now matches shunt_a = %d A", who, s.shunt_a)
+            st.shunt_warned = None
+            return
+        key = -1 if amps is None else amps
+        if st.shunt_warned == key:
+            return  # said already, and nothing changed
+        st.shunt_warned = key
+        if amps is None:
+            effect = "an unknown shunt code (not 50, 100, 200 or 300 A), so its current is wrong"
+        else:
+            effect = (f"shunt code {amps} A, so current, power and energy read {amps / s.shunt_a:.3g} × the true "
+                      f"value")
+        log.warning("%s: shunt_a = %d A in the config but the meter has %s; fix the meter with `dcmon shunt set "
+                    "--sensor %s --amps %d` (service stopped), or set poller.apply_shunt_codes = true",
+                    who, s.shunt_a, effect, s.name, s.shunt_a)
+
+    # ----------------------------------------------------------------------- energy counters
+    def restore_counters(self, counters: dict[str, float]) -> None:
+        """The last energy counter of each sensor from before a restart (kept in the spool's database), so
+        that a counter that went down while the poller was stopped is flagged ``energy_reset`` too."""
+        for name, value in counters.items():
+            st = self.states.get(name)
+            if st is not None and st.last_energy is None:
+                st.last_energy = value
+
+    def counters(self) -> dict[str, float]:
+        return {st.name: st.last_energy for st in self.states.values() if st.last_energy is not None}
 
     # ------------------------------------------------------------------------------- health
     def health_lines(self, spool_stats: SpoolStats | None = None, sender: Sender | None = None) -> list[str]:
@@ -472,37 +541,67 @@ def bus_loop(poller: Poller, bus_name: str, stop: threading.Event, progress: Cal
 
 # ------------------------------------------------------------------------------------- the run command
 
-def status_path(cfg: Config) -> Path:
-    """Where the running poller publishes its status for `dcmon status`: $DCMON_STATUS_PATH, else the
-    systemd runtime directory (tmpfs: no SD-card writes), else beside the spool."""
+SERVICE_STATUS = Path("/run/dcmon/status.json")  # the installed service's RuntimeDirectory (0750 dcmon:dcmon)
+
+
+def _probe(path: Path) -> bool | None:
+    """Whether ``path`` exists; None when a folder on the way is closed to this user (EACCES), so it cannot
+    be told (``Path.exists()`` raises PermissionError there)."""
+    try:
+        path.stat()
+    except PermissionError:
+        return None
+    except OSError:
+        return False
+    return True
+
+
+def service_status_path() -> Path | None:
+    """The status file named by the environment or the installed service, if any (no config needed)."""
     if os.environ.get("DCMON_STATUS_PATH"):
         return Path(os.environ["DCMON_STATUS_PATH"])
     if os.environ.get("RUNTIME_DIRECTORY"):
         return Path(os.environ["RUNTIME_DIRECTORY"].split(":")[0]) / "status.json"
-    service = Path("/run/dcmon/status.json")   # the installed service's RuntimeDirectory, for `dcmon status`
-    if service.exists():
-        return service
-    return cfg.resolve(cfg.spool.path).with_name("status.json")
+    if _probe(SERVICE_STATUS) is not False:  # there, or there but closed to this user: that is the one
+        return SERVICE_STATUS
+    return None
+
+
+def status_path(cfg: Config) -> Path:
+    """Where the running poller publishes its status for `dcmon status`: $DCMON_STATUS_PATH, else the
+    systemd runtime directory (tmpfs: no SD-card writes), else beside the spool."""
+    return service_status_path() or cfg.resolve(cfg.spool.path).with_name("status.json")
+
+
+def simulated_meters(sensors: list[SensorConfig], *, steady: bool = False, shunt_code: int | None = None) -> list:
+    """SimMeters for configured sensors: each has its shunt wired (``shunt_a``) and, like a commissioned meter,
+    the matching shunt code, unless ``shunt_code`` says which code it has instead (an uncommissioned meter)."""
+    from .simulator import meters_for
+
+    meters = meters_for([(s.model, s.address) for s in sensors], steady=steady)
+    for m, s in zip(meters, sensors):
+        if m.model.shunt_codes:
+            if s.shunt_a:
+                m.true_shunt_a = s.shunt_a
+            amps = shunt_code or s.shunt_a
+            if amps:
+                m.holding[0x0003] = m.model.shunt_codes[amps]
+    return meters
 
 
 def start_simulators(cfg: Config) -> list:
     """--simulate: serve each bus's configured meters on a pty and point the bus at it."""
-    from .simulator import Simulator, meters_for
+    from .simulator import Simulator
 
     sims = []
     for name in list(cfg.buses):
         sensors = cfg.enabled_sensors(name)
         if not sensors:
             continue
-        meters = meters_for([(s.model, s.address) for s in sensors])
-        for m, s in zip(meters, sensors):
-            if s.shunt_a and m.model.shunt_codes:   # a commissioned meter: its code matches its shunt
-                m.true_shunt_a = s.shunt_a
-                m.holding[0x0003] = m.model.shunt_codes[s.shunt_a]
-        sim = Simulator(meters).start()
+        sim = Simulator(simulated_meters(sensors)).start()
         sims.append(sim)
         cfg.buses[name].port = sim.path
-        log.info("bus %r: simulating %d meter(s) on %s", name, len(meters), sim.path)
+        log.info("bus %r: simulating %d meter(s) on %s", name, len(sensors), sim.path)
     return sims
 
 
@@ -517,14 +616,17 @@ def format_reading(r: Reading) -> str:
     return text
 
 
-def run(cfg: Config, *, simulate: bool = False, once: bool = False, echo: bool = False,
-        stop: threading.Event | None = None, hint_simulate: bool = False, clock: Clock | None = None) -> int:
-    """The main job. Returns the exit status."""
+def run(cfg: Config, *, simulate: bool = False, once: bool = False, echo: bool | None = None,
+        stop: threading.Event | None = None, hint_simulate: bool = False, test: bool = False,
+        clock: Clock | None = None) -> int:
+    """The main job. Returns the exit status. ``echo``: print each reading (default: with ``once`` only)."""
     from .influx import InfluxSink
     from .sender import Sender
     from .spool import Spool
 
     cfg.require_sensors()   # the last checks before any I/O: something to poll, a spool we can write
+    if test:
+        return run_test(cfg, simulate=simulate, hint_simulate=hint_simulate)
     cfg.check_spool()
     for line in cfg.describe():
         log.info("%s", line)
@@ -546,19 +648,21 @@ def run(cfg: Config, *, simulate: bool = False, once: bool = False, echo: bool =
         print(format_reading(r), flush=True)
 
     watchdog = Watchdog.from_env(loops=["send"])
-    poller = Poller(cfg, put=put, on_reading=show if (echo or once) else None, retrying=not once,
+    poller = Poller(cfg, put=put, on_reading=show if (once if echo is None else echo) else None, retrying=not once,
                     hint_simulate=hint_simulate, progress=watchdog.progress, clock=clock)
+    poller.restore_counters(_load_counters(spool))
     for name in poller.buses:
         watchdog.register(f"poll:{name}")
     if not poller.states:
         log.warning("no enabled sensors in %s: nothing to poll", cfg.source)
-    if not sink:
+    if not sink and once:  # the sender's thread says it when the poller runs on
         log.warning("influxdb.enabled = false: readings are kept in the spool %s only", cfg.resolve(cfg.spool.path))
     try:
         if once:
             return _run_once(cfg, poller, sender, spool)
         return _run_forever(cfg, poller, sender, spool, stop, watchdog)
     finally:
+        _save_counters(spool, poller)
         poller.close()
         spool.close()
         if sink:
@@ -567,13 +671,71 @@ def run(cfg: Config, *, simulate: bool = False, once: bool = False, echo: bool =
             s.stop()
 
 
-def _run_once(cfg: Config, poller: Poller, sender: Sender, spool: Spool) -> int:
+def _load_counters(spool: Spool) -> dict[str, float]:
+    try:
+        return spool.load_counters()
+    except DcmonError as e:  # never a reason not to poll: only a reset while stopped would go unflagged
+        log.warning("cannot read the last energy counters from the spool (%s): a reset made while the poller "
+                    "was stopped will not be flagged", e)
+        return {}
+
+
+def _save_counters(spool: Spool, poller: Poller) -> None:
+    try:
+        spool.save_counters(poller.counters())
+    except DcmonError as e:
+        log.warning("cannot keep the energy counters in the spool (%s)", e)
+
+
+def _poll_all_once(poller: Poller) -> None:
+    """One cycle of every bus, buses in parallel (each meter on a bus in turn)."""
     threads = [threading.Thread(target=poller.poll_bus_once, args=(name,), name=f"poll {name}") for name in poller.buses]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    failed = [st for st in poller.states.values() if not st.up]
+
+
+def _cycle_status(poller: Poller) -> int:
+    """--once and --test: 1 when a meter failed or a reading was discarded (each was logged once already, with
+    its cause: no summary line that says it again)."""
+    failed = [st.name for st in poller.states.values() if not st.up]
+    discarded = sum(st.discarded for st in poller.states.values())
+    return 1 if failed or discarded or not poller.states else 0
+
+
+def run_test(cfg: Config, *, simulate: bool = False, hint_simulate: bool = False) -> int:
+    """``run --test`` (as ``telegraf --test``): poll every meter once and print the line protocol that would be
+    written, one line per reading, on stdout. Neither the spool nor the database is touched."""
+    sims = start_simulators(cfg) if simulate else []
+    lines: list[str] = []
+    lock = threading.Lock()
+
+    def put(batch: list[str]) -> None:
+        with lock:
+            lines.extend(batch)
+
+    poller = Poller(cfg, put=put, retrying=False, hint_simulate=hint_simulate)
+    if not poller.states:
+        log.warning("no enabled sensors in %s: nothing to poll", cfg.source)
+    try:
+        _poll_all_once(poller)
+    finally:
+        poller.close()
+        for sim in sims:
+            sim.stop()
+    for line in lines:
+        print(line)
+    sys.stdout.flush()
+    target = (f"{cfg.influxdb.url} ({'bucket ' + cfg.influxdb.bucket if cfg.influxdb.api == 2 else 'database ' + cfg.influxdb.database})"
+              if cfg.influxdb.enabled else "nowhere (influxdb.enabled = false)")
+    log.info("--test: %d line(s) that would go to %s; nothing was spooled or written", len(lines), target)
+    return _cycle_status(poller)
+
+
+def _run_once(cfg: Config, poller: Poller, sender: Sender, spool: Spool) -> int:
+    _poll_all_once(poller)
+    quarantined_before = spool.stats().quarantined
     if cfg.influxdb.enabled:
         # send while it works (a backlog too, for up to 30 s); the first failure ends it with one line
         deadline = time.monotonic() + 30.0
@@ -583,12 +745,17 @@ def _run_once(cfg: Config, poller: Poller, sender: Sender, spool: Spool) -> int:
         except SinkError as e:
             log.warning("%s; %d reading(s) kept in the spool %s", e, spool.stats().depth, spool.path)
         else:
-            depth = spool.stats().depth
-            if depth:
-                log.info("%d reading(s) still queued in the spool %s", depth, spool.path)
-            else:
+            stats = spool.stats()
+            refused = stats.quarantined - quarantined_before
+            if refused > 0:
+                log.warning("InfluxDB refused %d line(s) for good: set aside in the quarantine (`dcmon spool "
+                            "quarantine list` shows why)", refused)
+                return 1
+            if stats.depth:
+                log.info("%d reading(s) still queued in the spool %s", stats.depth, spool.path)
+            elif any(st.up for st in poller.states.values()):
                 log.info("all readings written to %s", cfg.influxdb.url)
-    return 1 if failed or not poller.states else 0
+    return _cycle_status(poller)
 
 
 def _run_forever(cfg: Config, poller: Poller, sender: Sender, spool: Spool, stop: threading.Event,
@@ -615,13 +782,17 @@ def _run_forever(cfg: Config, poller: Poller, sender: Sender, spool: Spool, stop
     watchdog.ready(f"polling {len(poller.states)} sensor(s) on {len(poller.buses)} bus(es)")
     spath = status_path(cfg)
     last_send_check = next_status = time.monotonic()
+    next_counters = next_status + COUNTERS_SAVE_S
     next_health = time.monotonic() + min(10.0, cfg.poller.health_interval_s or 10.0)
     while not stop.wait(1.0):
         now = time.monotonic()
         stats = spool.stats()
         if now >= next_status:  # every 5 s: cheap, and on tmpfs under systemd (RuntimeDirectory)
             next_status = now + 5.0
-            _write_status(spath, {**poller.status(), "spool": _stats_dict(stats), "sender_error": getattr(sender, "last_error", "")})
+            _write_status(spath, _status_record(cfg, poller, stats, sender, "running"))
+        if now >= next_counters:
+            next_counters = now + COUNTERS_SAVE_S
+            _save_counters(spool, poller)
         if cfg.poller.health_interval_s and time.monotonic() >= next_health:
             next_health = time.monotonic() + cfg.poller.health_interval_s
             spool.put(poller.health_lines(stats, sender))
@@ -636,8 +807,22 @@ def _run_forever(cfg: Config, poller: Poller, sender: Sender, spool: Spool, stop
     if cfg.influxdb.enabled and not sender.flush(timeout_s=5.0):
         log.info("%d reading(s) stay in the spool for the next start", spool.stats().depth)
     watchdog.stopping()
+    _write_status(spath, _status_record(cfg, poller, spool.stats(), sender, "stopped"))
     log.info("stopped")
     return 0
+
+
+# The energy counters are saved this often (and at every stop): a counter only grows, so after a kill the saved
+# value is at most a minute behind and a reset made while stopped is still a drop below it.
+COUNTERS_SAVE_S = 60.0
+
+
+def _status_record(cfg: Config, poller: Poller, stats: SpoolStats, sender: Sender, state: str) -> dict[str, object]:
+    from . import __version__
+
+    return {**poller.status(), "state": state, "version": __version__, "interval_s": cfg.poller.interval_s,
+            "influxdb_enabled": cfg.influxdb.enabled, "spool": _stats_dict(stats),
+            "sender_error": getattr(sender, "last_error", "")}
 
 
 
@@ -666,54 +851,231 @@ def _setup(args: argparse.Namespace, cli: dict[str, tuple[str, object]] | None =
     return cfg
 
 
+def _owner_of(path: Path) -> tuple[int, int] | None:
+    """The uid and gid owning ``path``, or its nearest existing folder; None when nothing can be looked at."""
+    for p in (path, *path.parents):
+        try:
+            st = p.stat()
+            return st.st_uid, st.st_gid
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return None
+    return None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     # command-line overrides go through the config's own validation (a range, and nan/inf refused)
     cfg = _setup(args, {"poller.interval_s": ("--interval", args.interval)} if args.interval is not None else None)
-    echo = args.print if args.print is not None else (sys.stdout.isatty() or args.simulate)
-    return run(cfg, simulate=args.simulate, once=args.once, echo=echo, hint_simulate=not args.simulate)
+    echo = args.print if args.print is not None else (sys.stdout.isatty() or args.simulate or args.once)
+    return run(cfg, simulate=args.simulate, once=args.once, echo=echo, hint_simulate=not args.simulate,
+               test=args.test)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = load(args.config)
     cfg.require_sensors()
-    cfg.check_spool()
+    note = ""
+    try:
+        cfg.check_spool()
+    except ConfigError as e:
+        owner, group = _owner_of(cfg.resolve(cfg.spool.path)) or (None, None)
+        if owner is None or owner == os.geteuid() or group not in {os.getegid(), *os.getgroups()}:
+            raise
+        # the service's spool, looked at by a member of its group: may check the file, not write the spool
+        import pwd
+
+        name = pwd.getpwuid(owner).pw_name if owner in {p.pw_uid for p in pwd.getpwall()} else str(owner)
+        note = f"note: {e.problem}; it belongs to {name}: `sudo -u {name} dcmon check-config` checks it as the service"
     print("\n".join(cfg.describe()))
+    if note:
+        print(note)
     print(f"{cfg.source}: ok")
     return 0
 
 
-def cmd_simulate(args: argparse.Namespace) -> int:
-    """Serve simulated meters on a pty until interrupted; print the path for other programs to open."""
-    from .simulator import Simulator, meters_for
+def _simulate_what(args: argparse.Namespace) -> list[tuple[str | None, list, list[SensorConfig | None]]]:
+    """What `dcmon simulate` serves: the meters given (--model/--address), else the configuration's (one pty per
+    bus), else one PZEM-017 at address 1. Each: (bus name, SimMeters, the sensor each one is)."""
+    from .simulator import meters_for
 
-    meters = meters_for([(args.model, a) for a in args.address])
-    sim = Simulator(meters, timing=args.timing, turnaround_s=args.turnaround, link=args.link).start()
-    print(sim.link or sim.path, flush=True)
+    if args.model or args.address:
+        addrs = args.address or [1]
+        model = args.model or "pzem017"
+        meters = meters_for([(model, a) for a in addrs], steady=args.steady)
+        if args.shunt_code and meters[0].model.shunt_codes:
+            for m in meters:
+                m.holding[0x0003] = m.model.shunt_codes[args.shunt_code]
+        return [(None, meters, [None] * len(meters))]
+    found = _probe(Path(args.config))
+    if found is False:
+        print(f"no configuration at {args.config}: serving one PZEM-017 at address 1", file=sys.stderr)
+        cfg = None
+    else:
+        cfg = load(args.config)  # unreadable or invalid: one line saying so (exit 2)
+    if cfg is None or not cfg.enabled_sensors():
+        if cfg is not None:
+            print(f"no enabled sensors in {cfg.source}: serving one PZEM-017 at address 1", file=sys.stderr)
+        meters = meters_for([("pzem017", 1)], steady=args.steady)
+        if args.shunt_code:
+            meters[0].holding[0x0003] = meters[0].model.shunt_codes[args.shunt_code]
+        return [(None, meters, [None])]
+    out: list[tuple[str | None, list, list[SensorConfig | None]]] = []
+    for name in cfg.buses:
+        sensors = cfg.enabled_sensors(name)
+        if sensors:
+            out.append((name, simulated_meters(sensors, steady=args.steady, shunt_code=args.shunt_code), list(sensors)))
+    return out
+
+
+def _describe_meter(m: object, sensor: SensorConfig | None, steady: bool) -> str:
+    model = m.model  # type: ignore[attr-defined]
+    extra = [f"sensor {sensor.name!r}"] if sensor else []
+    if model.shunt_codes:
+        amps = model.shunt_amps(m.holding.get(0x0003, 0))  # type: ignore[attr-defined]
+        extra.append(f"shunt code {amps} A" + (f" on a {m.true_shunt_a} A shunt" if amps != m.true_shunt_a else ""))  # type: ignore[attr-defined]
+    if steady:
+        v = m.values()  # type: ignore[attr-defined]
+        extra.append(f"steady {float(v['voltage_v']):.2f} V {float(v['current_a']):.2f} A")
+    return f"{model.title} at address {m.address}" + (f" ({', '.join(extra)})" if extra else "")  # type: ignore[attr-defined]
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """Serve simulated meters on a pty until interrupted; print what is served where, and how to use it."""
+    from .simulator import Simulator
+
+    served = _simulate_what(args)
+    sims: list[Simulator] = []
     stop = threading.Event()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
+        for bus, meters, sensors in served:
+            link = args.link if not args.link or len(served) == 1 else f"{args.link}-{bus}"
+            try:
+                sim = Simulator(meters, timing=args.timing, turnaround_s=args.turnaround, link=link).start()
+            except OSError as e:
+                raise DcmonError(f"cannot make the link {link}: {e.strerror}; choose a path in a folder you may "
+                                 f"write (e.g. --link /tmp/pzem)") from None
+            sims.append(sim)
+            where = sim.link or sim.path
+            first = meters[0]
+            framing = f"{first.model.serial.baudrate} {first.model.serial.bytesize}{first.model.serial.parity}{first.model.serial.stopbits}"
+            what = ", ".join(_describe_meter(m, s, args.steady) for m, s in zip(meters, sensors))
+            print(f"{where}  {'bus ' + repr(bus) + ', ' if bus else ''}{framing}: {what}", flush=True)
+        bus0, meters0, _ = served[0]
+        where0 = sims[0].link or sims[0].path
+        model_opt = "" if meters0[0].model.name == "pzem017" else f" --model {meters0[0].model.name}"
+        print(f"try: dcmon read --port {where0} --address {meters0[0].address}{model_opt}   "
+              f"(or `dcmon run --simulate`, which simulates the configured meters by itself); Ctrl-C stops",
+              flush=True)
         stop.wait()
     finally:
-        sim.stop()
+        for sim in sims:
+            sim.stop()
     return 0
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    cfg = load(args.config)
-    path = status_path(cfg)
+# `dcmon status` exit codes, as monitoring plugins report them (Nagios, Icinga, Telegraf `exec`, cron, Home
+# Assistant `command_line`): docs/troubleshooting.md#dcmon-status-as-a-health-check.
+STATUS_OK, STATUS_WARNING, STATUS_CRITICAL, STATUS_UNKNOWN = 0, 1, 2, 3
+_VERDICT = {STATUS_OK: "OK", STATUS_WARNING: "WARNING", STATUS_CRITICAL: "CRITICAL", STATUS_UNKNOWN: "UNKNOWN"}
+STATUS_MAX_AGE_S = 30.0        # the poller rewrites it every 5 s
+STATUS_MAX_BACKLOG_S = 600.0   # readings older than this still waiting for InfluxDB
+
+
+def _pid_alive(pid: object) -> bool:
     try:
-        data = json.loads(path.read_text())
+        os.kill(int(pid), 0)  # type: ignore[call-overload]
+    except PermissionError:
+        return True           # there, and someone else's (the service runs as dcmon)
+    except (OSError, ValueError, TypeError, OverflowError):
+        return False
+    return True
+
+
+def _clock(t: object) -> str:
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(t)))  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError, OSError):
+        return "an unknown time"
+
+
+def assess(data: dict, *, now: float | None = None, max_age_s: float = STATUS_MAX_AGE_S,
+           max_backlog_s: float = STATUS_MAX_BACKLOG_S) -> tuple[int, list[str]]:
+    """The verdict on a status record: (exit status, problems). Not running (stopped, a dead pid, a stale
+    status) is CRITICAL; running with a sensor down or an old backlog is WARNING."""
+    now = time.time() if now is None else now
+    pid = data.get("pid")
+    age = now - float(data.get("time") or 0)
+    if data.get("state") == "stopped":
+        return STATUS_CRITICAL, [f"the poller stopped cleanly at {_clock(data.get('time'))}; start it: "
+                                 f"sudo systemctl start dcmon"]
+    if not _pid_alive(pid):
+        return STATUS_CRITICAL, [f"the poller (pid {pid}) is not running: killed or crashed "
+                                 f"(journalctl -u dcmon -n 30 says why)"]
+    if age > max_age_s:
+        return STATUS_CRITICAL, [f"the status is {age:.0f} s old (more than {max_age_s:g} s): the poller is hung "
+                                 f"(journalctl -u dcmon -n 30)"]
+    problems = []
+    buses = data.get("buses") or {}
+    for name, s in (data.get("sensors") or {}).items():
+        bus_error = (buses.get(s.get("bus")) or {}).get("error", "")
+        if s.get("up") is False or bus_error:
+            problems.append(f"sensor {name!r} is down: {s.get('last_error') or bus_error}")
+    sp = data.get("spool") or {}
+    oldest = sp.get("oldest_time_ns")
+    if data.get("influxdb_enabled", True) and oldest:
+        backlog = now - float(oldest) / 1e9
+        if backlog > max_backlog_s:
+            why = data.get("sender_error") or "InfluxDB has not taken them"
+            problems.append(f"{sp.get('depth', 0)} reading(s) wait in the spool, the oldest {backlog / 60:.0f} min "
+                            f"old: {why}")
+    return (STATUS_WARNING if problems else STATUS_OK), problems
+
+
+def _status_verdict(code: int, problems: list[str], data: dict | None = None) -> str:
+    if code == STATUS_OK and data is not None:
+        sensors = data.get("sensors") or {}
+        up = sum(1 for s in sensors.values() if s.get("up"))
+        depth = (data.get("spool") or {}).get("depth", 0)
+        return (f"DCMON OK: poller pid {data.get('pid')} running, {up} of {len(sensors)} sensor(s) up, "
+                f"{depth} reading(s) queued")
+    return f"DCMON {_VERDICT[code]}: " + "; ".join(problems)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    path = service_status_path() or status_path(load(args.config))
+    problem = ""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
     except FileNotFoundError:
-        raise DcmonError(f"no status at {path}: is the poller running? (systemctl status dcmon)") from None
+        code, problem = STATUS_CRITICAL, (f"no status at {path}: the poller is not running "
+                                          f"(systemctl status dcmon; or start it: sudo systemctl start dcmon)")
+    except PermissionError:
+        code, problem = STATUS_UNKNOWN, (f"cannot read {path}: permission denied; run `sudo dcmon status`, or "
+                                         f"join the dcmon group (sudo usermod -aG dcmon $USER, then log in again)")
     except (OSError, ValueError) as e:
-        raise DcmonError(f"cannot read status {path}: {e}") from None
+        code, problem = STATUS_UNKNOWN, f"cannot read the status {path}: {getattr(e, 'strerror', None) or e}"
+    if problem:
+        if args.json:
+            print(json.dumps({"health": {"status": _VERDICT[code], "exit": code, "problems": [problem]}}))
+        else:
+            print(f"DCMON {_VERDICT[code]}: {problem}")
+        return code
+    code, problems = assess(data, max_age_s=args.max_age, max_backlog_s=args.max_backlog)
     if args.json:
-        print(json.dumps(data, indent=2))
-        return 0
-    age = time.time() - float(data.get("time", 0))
-    print(f"poller pid {data.get('pid')}, status {age:.0f} s old{' (STALE: is it still running?)' if age > 30 else ''}")
+        print(json.dumps({**data, "health": {"status": _VERDICT[code], "exit": code, "problems": problems}}, indent=2))
+        return code
+    print(_status_verdict(code, problems, data))
+    if args.brief:
+        return code
+    age = time.time() - float(data.get("time") or 0)
+    print(f"poller pid {data.get('pid')}, {data.get('state', 'running')}, status {age:.0f} s old"
+          + (f", dcmon {data['version']}" if data.get("version") else ""))
     for name, b in data.get("buses", {}).items():
         print(f"bus {name}: {b['port']}{'  ERROR: ' + b['error'] if b.get('error') else ''}")
     for name, s in data.get("sensors", {}).items():
@@ -728,32 +1090,90 @@ def cmd_status(args: argparse.Namespace) -> int:
     if sp:
         print(f"spool: {sp.get('depth', 0)} queued, {sp.get('dropped_total', 0)} dropped, {sp.get('quarantined', 0)} quarantined"
               f"{'  last error: ' + data['sender_error'] if data.get('sender_error') else ''}")
-    return 0
+    return code
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < v < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text}")
+    return v
+
+
+def _parser(sub: argparse._SubParsersAction, name: str, common: argparse.ArgumentParser, *, help: str,
+            description: str, examples: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, parents=[common], help=help, description=description,
+                          epilog="examples:\n" + examples, formatter_class=Formatter)
 
 
 def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("run", parents=[common], help="poll the meters and write to InfluxDB (the main job)")
+    from .models import MODELS
+
+    p = _parser(sub, "run", common, help="poll the meters and write to InfluxDB (the main job)",
+                description="Poll every configured meter on its bus, keep each reading in the local spool and send "
+                            "the spool to InfluxDB, until stopped (Ctrl-C or systemctl stop). This is what the "
+                            "service runs.",
+                examples="  dcmon run --simulate              # simulated meters, no hardware needed\n"
+                         "  dcmon run --once                  # one cycle: poll, print, send, exit (1 if a meter failed)\n"
+                         "  dcmon run --test                  # poll once, print the line protocol, write nothing")
     p.add_argument("--simulate", action="store_true", help="poll simulated meters on a pseudo-terminal instead of the ports")
-    p.add_argument("--once", action="store_true", help="one cycle: poll, print, send, exit (1 if a meter failed)")
-    p.add_argument("--interval", type=float, default=None, help="override poller.interval_s")
-    p.add_argument("--print", dest="print", action="store_true", default=None, help="print each reading (default on a terminal)")
+    once = p.add_mutually_exclusive_group()
+    once.add_argument("--once", action="store_true",
+                      help="one cycle: poll, print, send, exit; exit status 1 if a meter failed, a reading was "
+                           "discarded or InfluxDB refused a line")
+    once.add_argument("--test", action="store_true",
+                      help="poll once and print the line protocol that would be written; touch neither the spool "
+                           "nor the database (exit status as --once)")
+    p.add_argument("--interval", type=float, default=None, metavar="S", help="seconds between polls (overrides poller.interval_s)")
+    p.add_argument("--print", dest="print", action="store_true", default=None, help="print each reading (default on a terminal and with --once)")
     p.add_argument("--no-print", dest="print", action="store_false", help="do not print readings")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("check-config", parents=[common], help="validate the configuration and exit",
-                       description="Check the configuration whole (every key, file and the spool's folder) without "
-                                   "touching a meter or the network, and name the files merged. Exit 2 on a problem.",
-                       epilog="example: sudo -u dcmon dcmon check-config")
+    p = _parser(sub, "check-config", common, help="validate the configuration and exit",
+                description="Check the configuration whole (config.toml, config.local.toml beside it, DCMON_* "
+                            "environment variables: every key, file and the spool's folder) without touching a "
+                            "meter or the network, and name the files merged. A mistake gives one line naming the "
+                            "file, the key and the fix, and exit status 2.",
+                examples="  dcmon check-config\n  sudo -u dcmon dcmon check-config --config /etc/dcmon/config.toml")
     p.set_defaults(func=cmd_check_config)
 
-    p = sub.add_parser("simulate", parents=[common], help="serve simulated PZEM meters on a pseudo-terminal")
-    p.add_argument("--model", default="pzem017", help="meter model (default pzem017)")
-    p.add_argument("--address", type=int, action="append", help="address to serve (repeat; default 1)")
+    p = _parser(sub, "simulate", common, help="serve simulated PZEM meters on a pseudo-terminal",
+                description="Serve simulated meters, speaking real Modbus RTU, on a pseudo-terminal that any command "
+                            "can open as its serial port, until Ctrl-C. Without --model or --address it serves the "
+                            "meters of the configuration (one pseudo-terminal per bus), or one PZEM-017 at address 1. "
+                            "It prints the port and a command to try.",
+                examples="  dcmon simulate\n"
+                         "  dcmon simulate --steady --link /tmp/pzem     # values that do not wander, at /tmp/pzem\n"
+                         "  dcmon simulate --address 1 --address 2 --shunt-code 100")
+    p.add_argument("--model", default=None, choices=sorted(MODELS), help="meter model (default pzem017)")
+    p.add_argument("--address", type=int, action="append", help="address to serve (repeat for more meters)")
+    p.add_argument("--steady", action="store_true",
+                   help="values that do not wander (13.20 V, 8.00 A for the first meter), e.g. to reproduce "
+                        "the examples of docs/commissioning.md")
+    p.add_argument("--shunt-code", type=int, choices=(50, 100, 200, 300), metavar="A",
+                   help="the shunt code the PZEM-017 meters have (default: the config's shunt_a, like a commissioned "
+                        "meter; 100 A, the factory code, without one)")
     p.add_argument("--timing", action="store_true", help="delay replies by the 9600-baud wire time")
-    p.add_argument("--turnaround", type=float, default=0.0, help="extra reply delay in seconds (with --timing)")
-    p.add_argument("--link", default=None, help="also make this symlink to the pty (e.g. /tmp/pzem)")
+    p.add_argument("--turnaround", type=float, default=0.0, metavar="S", help="extra reply delay in seconds (with --timing)")
+    p.add_argument("--link", default=None, metavar="PATH", help="also make this symlink to the pseudo-terminal (e.g. /tmp/pzem)")
     p.set_defaults(func=cmd_simulate, address=None)
 
-    p = sub.add_parser("status", parents=[common], help="what the running poller is doing")
-    p.add_argument("--json", action="store_true")
+    p = _parser(sub, "status", common, help="is the poller running and healthy? (a health check for scripts)",
+                description="What the running poller sees: each meter, its last reading and errors, the spool. The "
+                            "first line is the verdict, and the exit status says it for scripts and monitoring "
+                            "(Nagios plugin codes): 0 OK: running, every sensor up, no old backlog; 1 WARNING: "
+                            "running, but a sensor is down or readings older than --max-backlog wait for InfluxDB; "
+                            "2 CRITICAL: not running (stopped, killed, no status) or its status is older than "
+                            "--max-age; 3 UNKNOWN: the status cannot be read (permissions).",
+                examples="  dcmon status\n  dcmon status --brief || echo 'dcmon needs attention'\n"
+                         "  dcmon status --json --max-backlog 300")
+    p.add_argument("--json", action="store_true", help="print the status as JSON (with a \"health\" verdict)")
+    p.add_argument("--brief", action="store_true", help="print only the verdict line")
+    p.add_argument("--max-age", type=_seconds, default=STATUS_MAX_AGE_S, metavar="S",
+                   help=f"a status older than this means the poller is hung (default {STATUS_MAX_AGE_S:g})")
+    p.add_argument("--max-backlog", type=_seconds, default=STATUS_MAX_BACKLOG_S, metavar="S",
+                   help=f"warn when the oldest unsent reading is older than this (default {STATUS_MAX_BACKLOG_S:g})")
     p.set_defaults(func=cmd_status)

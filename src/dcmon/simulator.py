@@ -12,6 +12,7 @@ What it does, like a real meter:
   the general address 0xF8 is answered by every meter (so two meters make a collision, as on a real bus);
 - silence for addresses it does not serve, for frames with a bad CRC, and for meters set ``silent``;
 - plausible, consistent, changing values: V wanders, I follows a slow cycle, P = V × I, energy integrates P;
+  or, ``steady``, V and I fixed at the meter's base values (documentation examples that can be reproduced);
 - the shunt code matters: the meter reports shunt-mV × (range amps / 75 mV), so a meter whose code does not
   match its physical shunt (``true_shunt_a``) reports current off by the ratio, like the real thing;
 - optional faults: ``boot_garbage_s`` (wrong values with a valid CRC just after power-up), ``garble``
@@ -124,6 +125,7 @@ class SimMeter:
     holding: dict[int, int] = field(default_factory=dict)
     seed: int = 0
     drive: Drive | None = None     # an external model sets V, I and energy (see Drive, dcmon.battery_sim)
+    steady: bool = False           # true values stay at base_voltage_v / base_current_a (no wander, no noise)
 
     def __post_init__(self) -> None:
         if not self.holding:
@@ -152,8 +154,11 @@ class SimMeter:
             return self.drive.values(self, now)
         t = now - self._t0
         kind = self.model.kind
-        v = self.base_voltage_v * (1 + 0.02 * math.sin(t / 37 + self._phase)) + self._rng.uniform(-0.01, 0.01)
-        true_i = max(0.0, self.base_current_a * (1 + 0.5 * math.sin(t / 23 + self._phase)) + self._rng.uniform(-0.02, 0.02))
+        if self.steady:
+            v, true_i = self.base_voltage_v, self.base_current_a
+        else:
+            v = self.base_voltage_v * (1 + 0.02 * math.sin(t / 37 + self._phase)) + self._rng.uniform(-0.01, 0.01)
+            true_i = max(0.0, self.base_current_a * (1 + 0.5 * math.sin(t / 23 + self._phase)) + self._rng.uniform(-0.02, 0.02))
         i = true_i
         if self.model.shunt_codes:
             # the meter measures shunt millivolts and scales them by the range it was told

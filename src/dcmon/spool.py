@@ -56,7 +56,7 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -762,6 +762,42 @@ class Spool:
             for _, line in rows:
                 yield line
             after = rows[-1][0]
+
+    # ------------------------------------------------------------------ energy counters (the poller's)
+    # Each sensor's last energy counter, kept here so that a counter that went down while the poller was
+    # stopped (`dcmon reset-energy` between stop and start) is flagged energy_reset like one that went down
+    # while it ran. A table of its own, made on first use, so spools from before it need no migration.
+
+    _COUNTERS = "CREATE TABLE IF NOT EXISTS counters (sensor TEXT PRIMARY KEY, energy_wh REAL NOT NULL) WITHOUT ROWID"
+
+    def load_counters(self) -> dict[str, float]:
+        """{sensor name: last energy counter in Wh} as last saved."""
+        def q(db: sqlite3.Connection) -> dict[str, float]:
+            db.execute(self._COUNTERS)
+            return {name: float(v) for name, v in db.execute("SELECT sensor, energy_wh FROM counters")}
+        try:
+            return self._call(q)
+        except sqlite3.Error as e:
+            raise SpoolError(f"cannot read the energy counters from {self.path}: {_sqlite_text(e)}") from None
+
+    def save_counters(self, counters: Mapping[str, float]) -> None:
+        """Store the counters (one small transaction; sensors not named keep their saved value)."""
+        if not counters:
+            return
+        def w(db: sqlite3.Connection) -> None:
+            db.execute(self._COUNTERS)
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany("INSERT INTO counters (sensor, energy_wh) VALUES (?, ?) ON CONFLICT(sensor) "
+                               "DO UPDATE SET energy_wh = excluded.energy_wh", list(counters.items()))
+                db.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
+        try:
+            self._call(w)
+        except sqlite3.Error as e:
+            raise SpoolError(f"cannot store the energy counters in {self.path}: {_sqlite_text(e)}") from None
 
     # ------------------------------------------------------------------------------------ status
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 from datetime import datetime, timezone
@@ -16,19 +17,30 @@ from typing import Any
 
 from . import config as config_mod
 from .errors import DcmonError
-from .spool import Spool
+from .spool import Spool, SpoolError
+from .helptext import Formatter
+
+
+def _ex(*lines: str) -> str:
+    return "examples:\n" + "\n".join("  " + line for line in lines)
 
 
 def add_commands(subparsers: Any, common: argparse.ArgumentParser) -> None:
-    fmt = argparse.RawDescriptionHelpFormatter
+    fmt = Formatter
     p = subparsers.add_parser("spool", parents=[common], formatter_class=fmt,
                               help="show the local queue of readings; export it; handle quarantined lines",
                               description="Readings wait in the spool (spool.path) until InfluxDB has them. "
-                                          "Without a subcommand: the status.")
+                                          "Without a subcommand: the status. Safe while the poller runs. The "
+                                          "installed spool belongs to the dcmon user: run these as that user.",
+                              epilog=_ex("sudo -u dcmon dcmon spool", "sudo -u dcmon dcmon spool export -o backlog.lp"))
     p.set_defaults(func=cmd_status, json=False)
     sub = p.add_subparsers(dest="spool_command", metavar="status|export|quarantine")
 
-    s = sub.add_parser("status", parents=[common], help="depth, oldest reading, size, drops, quarantine, last error")
+    s = sub.add_parser("status", parents=[common], formatter_class=fmt,
+                       help="depth, oldest reading, size, drops, quarantine, last error",
+                       description="How many readings wait for InfluxDB, the oldest of them, the spool's size and "
+                                   "limits, what was dropped or quarantined, and the sender's last error.",
+                       epilog=_ex("dcmon spool status", "dcmon spool status --json"))
     s.add_argument("--json", action="store_true", help="machine-readable")
     s.set_defaults(func=cmd_status)
 
@@ -36,20 +48,37 @@ def add_commands(subparsers: Any, common: argparse.ArgumentParser) -> None:
                        help="write the queued (or quarantined) lines as line protocol",
                        description="Oldest first, one line per reading, nanosecond timestamps. To load a file into "
                                    "InfluxDB 1.x by hand:\n  curl --data-binary @FILE "
-                                   "'http://HOST:8086/write?db=dcmon&precision=ns'")
+                                   "'http://HOST:8086/write?db=dcmon&precision=ns'",
+                       epilog=_ex("dcmon spool export -o backlog.lp", "dcmon spool export --quarantine"))
     e.add_argument("--quarantine", action="store_true", help="export the quarantined lines instead")
     e.add_argument("-o", "--output", metavar="FILE", help="write to FILE (default: standard output)")
     e.set_defaults(func=cmd_export)
 
-    q = sub.add_parser("quarantine", parents=[common], help="lines InfluxDB refused: list, retry or clear them")
+    q = sub.add_parser("quarantine", parents=[common], formatter_class=fmt,
+                       help="lines InfluxDB refused: list, retry or clear them",
+                       description="Lines InfluxDB refused for good (400: a bad value or a field type conflict) are "
+                                   "set aside so the rest keeps flowing. List them and why, put them back after "
+                                   "fixing the cause, or delete them.",
+                       epilog=_ex("dcmon spool quarantine list", "dcmon spool quarantine retry"))
     qs = q.add_subparsers(dest="quarantine_command", metavar="list|retry|clear")
     qs.required = True
-    ql = qs.add_parser("list", parents=[common], help="show the quarantined lines and why they were refused")
+    ql = qs.add_parser("list", parents=[common], formatter_class=fmt,
+                       help="show the quarantined lines and why they were refused",
+                       description="Each quarantined line, when it was set aside and InfluxDB's reason.",
+                       epilog=_ex("dcmon spool quarantine list --limit 10"))
     ql.add_argument("--limit", type=int, default=50, metavar="N", help="show at most N (default 50; 0 = all)")
     ql.set_defaults(func=cmd_quarantine_list)
-    qr = qs.add_parser("retry", parents=[common], help="put them back in the queue (after fixing the cause)")
+    qr = qs.add_parser("retry", parents=[common], formatter_class=fmt,
+                       help="put them back in the queue (after fixing the cause)",
+                       description="Move every quarantined line back into the queue; a running poller sends them "
+                                   "within seconds, and any still refused come back to the quarantine.",
+                       epilog=_ex("dcmon spool quarantine retry"))
     qr.set_defaults(func=cmd_quarantine_retry)
-    qc = qs.add_parser("clear", parents=[common], help="delete them for good (export them first)")
+    qc = qs.add_parser("clear", parents=[common], formatter_class=fmt,
+                       help="delete them for good (export them first)",
+                       description="Delete every quarantined line. Without --yes it only says how many it would "
+                                   "delete.",
+                       epilog=_ex("dcmon spool export --quarantine -o refused.lp", "dcmon spool quarantine clear --yes"))
     qc.add_argument("--yes", action="store_true", help="really delete")
     qc.set_defaults(func=cmd_quarantine_clear)
 
@@ -64,6 +93,29 @@ def _open(args: argparse.Namespace) -> Spool | None:
     except FileNotFoundError:
         print(f"no spool yet at {path} (`dcmon run` creates it)", file=sys.stderr)
         return None
+    except SpoolError:
+        owner = _not_mine(path.parent)
+        if owner:  # SQLite needs to write beside the file (WAL), even to read it
+            words = " ".join(a for a in sys.argv[1:] if a not in ("--config", "-c", args.config)) or "spool status"
+            raise DcmonError(f"the spool {path} belongs to {owner}, and this user may not write beside it; run "
+                             f"it as that user: sudo -u {owner} dcmon {words}") from None
+        raise
+
+
+def _not_mine(folder: Path) -> str:
+    """The owner's name when this user may not write in ``folder`` (the spool's), else ""."""
+    import pwd
+
+    try:
+        st = folder.stat()
+    except OSError:
+        return ""
+    if os.access(folder, os.W_OK | os.X_OK):
+        return ""
+    try:
+        return pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        return "dcmon"
 
 
 def _when(ns: int | None) -> str:

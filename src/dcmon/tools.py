@@ -27,6 +27,7 @@ from .config import Config, SensorConfig
 from .errors import BusError, ConfigError, DcmonError, DeviceError, NoResponse
 from .meter import SHUNT_REGISTER, read_shunt, read_values, set_shunt, write_setting
 from .models import MODELS, PZEM016, PZEM017, FieldValue, Model, decimals, decode
+from .helptext import Formatter
 
 ADDRESS_SETTING = 0x0002  # the address holding register, the same on every PZEM model
 SCAN_TIMEOUT_S = 0.1
@@ -105,6 +106,12 @@ def resolve(args: argparse.Namespace, *, need_address: bool, timeout_s: float | 
     port = getattr(args, "port", None)
     cfg = config_mod.load(args.config) if sensor_name or not port else None
     sensor = None
+    if need_address and cfg is not None and not sensor_name and getattr(args, "address", None) is None:
+        candidates = [s for s in cfg.enabled_sensors() if args.bus in (None, s.bus)]
+        if len(candidates) == 1:  # nothing to choose between: do not ask
+            sensor_name = candidates[0].name
+            note(f"sensor {sensor_name!r}, the only one configured{' on bus ' + repr(args.bus) if args.bus else ''} "
+                 f"in {cfg.source}")
     if sensor_name:
         assert cfg is not None
         sensor = next((s for s in cfg.sensors if s.name == sensor_name), None)
@@ -346,9 +353,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
     t = resolve(args, need_address=False, timeout_s=args.timeout or SCAN_TIMEOUT_S, retries=0)
     addrs = _scan_range(args)
     s = t.settings
-    bus_text = f"bus {s.name!r} ({s.port}" if s.name != s.port else f"{s.port} ("
-    note(f"scanning {bus_text}, {s.framing}) addresses {addrs.start}-{addrs.stop - 1}, {s.timeout_s:g} s each; "
-         f"Ctrl-C stops")
+    where = f"bus {s.name!r} ({s.port}, {s.framing})" if s.name != s.port else f"{s.port} ({s.framing})"
+    note(f"scanning {where} addresses {addrs.start}-{addrs.stop - 1}, {s.timeout_s:g} s each; Ctrl-C stops")
     printed: list[bool] = []
 
     def show(f: Found) -> None:
@@ -554,7 +560,7 @@ def cmd_reset_energy(args: argparse.Namespace) -> int:
 def _calibrated(t: Target, values: dict[str, FieldValue]) -> dict[str, FieldValue] | None:
     if t.sensor is None or t.sensor.calibration.is_identity:
         return None
-    return apply_calibration(values, t.sensor.calibration)
+    return apply_calibration(values, t.sensor.calibration, t.model)
 
 
 def _title(t: Target) -> str:
@@ -625,14 +631,24 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------- the parser
 
+WRONG_MODEL_HINT = ("the meter has no such register, so it is most likely another model than the one asked for "
+                    "(--model, or the sensor's model in the config; `dcmon scan` tells DC and AC meters and the "
+                    "PZEM-003 and -017 apart)")
+
+
 def _handler(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Usage problems found after parsing (which meter? which bus?) exit 2 like argparse's own."""
+    """Usage problems found after parsing (which meter? which bus?) exit 2 like argparse's own. A meter that
+    answers exception 02 (illegal data address) to a read is, on a bench, nearly always the wrong model."""
     def run(args: argparse.Namespace) -> int:
         try:
             return fn(args)
         except UsageError as e:
             note(f"dcmon {args.command}: {e}")
             return 2
+        except DeviceError as e:
+            if e.code == 2 and "model" not in str(e):
+                raise DeviceError(f"{e}: {WRONG_MODEL_HINT}", code=e.code, bus=e.bus, address=e.address) from None
+            raise
     run.__doc__ = fn.__doc__
     return run
 
@@ -658,25 +674,34 @@ def meter_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join("  " + line for line in lines)
+
+
 def add_commands(subparsers: Any, common: argparse.ArgumentParser) -> None:
     from . import tools_calibrate
 
     target, meter = target_parser(), meter_parser()
-    fmt = argparse.RawDescriptionHelpFormatter
+    fmt = Formatter
+    stop_first = ("It opens the serial port for itself: stop the service first (sudo systemctl stop dcmon).")
 
     p = subparsers.add_parser("scan", parents=[common, target], formatter_class=fmt,
                               help="list the meters that answer on a bus",
                               description="Ask every address (1..247, or --range) and list the meters that answer: "
                                           "address, model guess, shunt code, voltage and current. Ctrl-C stops and "
-                                          "keeps what was found (exit 130).")
+                                          "keeps what was found (exit 130). " + stop_first,
+                              epilog=_examples("dcmon scan --bus rs485", "dcmon scan --port /dev/ttyUSB0 --range 1-10"))
     p.add_argument("--range", type=_range, metavar="A-B", help="addresses to try (default 1-247)")
     p.set_defaults(func=_handler(cmd_scan))
 
     p = subparsers.add_parser("set-address", parents=[common, target], formatter_class=fmt,
                               help="give a meter its own address",
-                              description="Without --from: through the general address 0xF8, which only works with "
-                                          "ONE meter on the bus (more than one is detected and refused). With --from M: "
-                                          "the meter at address M. The new address is read back to confirm.")
+                              description="Give a meter a new Modbus address and read it back. Without --from it "
+                                          "goes through the general address 0xF8, which only works with ONE meter "
+                                          "on the bus (more than one is detected and refused); with --from M it "
+                                          "talks to the meter at address M. " + stop_first,
+                              epilog=_examples("dcmon set-address --port /dev/ttyUSB0 --to 2",
+                                               "dcmon set-address --bus rs485 --from 1 --to 3"))
     p.add_argument("--to", type=_address, required=True, metavar="N", help="the new address (1..247)")
     p.add_argument("--from", dest="from_address", type=_address, metavar="M", help="the meter's current address")
     p.add_argument("--no-scan", action="store_true",
@@ -686,26 +711,55 @@ def add_commands(subparsers: Any, common: argparse.ArgumentParser) -> None:
                    help=f"seconds per address in the safety scan (default {SCAN_TIMEOUT_S})")
     p.set_defaults(func=_handler(cmd_set_address))
 
-    p = subparsers.add_parser("shunt", help="read or set a PZEM-017's shunt code (current range)")
+    p = subparsers.add_parser("shunt", formatter_class=fmt, help="read or set a PZEM-017's shunt code (current range)",
+                              description="A PZEM-017 scales the shunt's 75 mV by its shunt code (50, 100, 200 or "
+                                          "300 A). When the code does not match the shunt wired to it, current, "
+                                          "power and energy are off by the ratio of the two.",
+                              epilog=_examples("dcmon shunt get --sensor battery",
+                                               "dcmon shunt set --sensor battery --amps 200"))
     ss = p.add_subparsers(dest="shunt_command", metavar="get|set")
     ss.required = True
-    q = ss.add_parser("get", parents=[common, target, meter], help="show the meter's shunt code in rated amps")
+    q = ss.add_parser("get", parents=[common, target, meter], formatter_class=fmt,
+                      help="show the meter's shunt code in rated amps",
+                      description="Read the meter's shunt code (current range) and say whether it matches the "
+                                  "config's shunt_a. " + stop_first,
+                      epilog=_examples("dcmon shunt get --sensor battery", "dcmon shunt get --port /dev/ttyUSB0 --address 1"))
     q.set_defaults(func=_handler(cmd_shunt_get))
-    q = ss.add_parser("set", parents=[common, target, meter], help="set the shunt code, then read it back")
+    q = ss.add_parser("set", parents=[common, target, meter], formatter_class=fmt,
+                      help="set the shunt code, then read it back",
+                      description="Write the shunt code for the shunt wired to the meter and read it back to "
+                                  "confirm. " + stop_first,
+                      epilog=_examples("dcmon shunt set --sensor battery --amps 200",
+                                       "dcmon shunt set --port /dev/ttyUSB0 --address 1 --amps 100"))
     q.add_argument("--amps", type=int, required=True, choices=(50, 100, 200, 300),
                    help="the rating of the 75 mV shunt wired to the meter")
     q.set_defaults(func=_handler(cmd_shunt_set))
 
-    p = subparsers.add_parser("reset-energy", parents=[common, target, meter],
-                              help="reset a meter's energy counter (function 0x42)")
+    p = subparsers.add_parser("reset-energy", parents=[common, target, meter], formatter_class=fmt,
+                              help="reset a meter's energy counter (function 0x42)",
+                              description="Set the meter's energy counter back to 0 Wh, after asking (--yes skips "
+                                          "the question). The poller flags the next reading energy_reset = true, "
+                                          "also when the reset happened while it was stopped. " + stop_first,
+                              epilog=_examples("dcmon reset-energy --sensor battery", "dcmon reset-energy --address 2 --yes"))
     p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
     p.set_defaults(func=_handler(cmd_reset_energy))
 
-    p = subparsers.add_parser("read", parents=[common, target, meter], help="read one meter's values once")
+    p = subparsers.add_parser("read", parents=[common, target, meter], formatter_class=fmt,
+                              help="read one meter's values once",
+                              description="Read one meter's values once and print them (with the calibrated "
+                                          "values beside them for a calibrated sensor). With one sensor in the "
+                                          "config, that is the one. " + stop_first,
+                              epilog=_examples("dcmon read", "dcmon read --sensor battery --json",
+                                               "dcmon read --port /dev/ttyUSB0 --address 1 --model pzem016"))
     p.add_argument("--json", action="store_true", help="print one JSON object instead")
     p.set_defaults(func=_handler(cmd_read))
 
-    p = subparsers.add_parser("watch", parents=[common, target, meter], help="show one meter's values live")
+    p = subparsers.add_parser("watch", parents=[common, target, meter], formatter_class=fmt,
+                              help="show one meter's values live",
+                              description="Read one meter again and again and show its values, redrawn in place "
+                                          "on a terminal (one line per reading otherwise), until Ctrl-C. "
+                                          + stop_first,
+                              epilog=_examples("dcmon watch --sensor battery", "dcmon watch --address 1 --interval 0.5 --count 20"))
     p.add_argument("--interval", type=_positive, default=1.0, metavar="S", help="seconds between readings (default 1)")
     p.add_argument("--count", type=int, metavar="N", help="stop after N readings (default: until Ctrl-C)")
     p.set_defaults(func=_handler(cmd_watch))

@@ -39,6 +39,7 @@ from .config import Calibration
 from .errors import ConfigError
 from .meter import read_values
 from .tools import Target, UsageError, note, resolve, say
+from .helptext import Formatter
 
 MAX_POINTS = 5
 QUANTITIES = (("voltage", "voltage_v", "V"), ("current", "current_a", "A"))
@@ -199,10 +200,11 @@ def _fits(t: Target, samples: list[Sample]) -> dict[str, Fit | None]:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    if not args.sensor:
+    if getattr(args, "port", None) and not args.sensor:
         raise UsageError("calibrate writes the result for a configured sensor: give --sensor NAME")
     t = resolve(args, need_address=True)
-    assert t.sensor is not None and t.cfg is not None
+    if t.sensor is None or t.cfg is None:
+        raise UsageError("calibrate writes the result for a configured sensor: give --sensor NAME")
     with Bus(t.settings) as bus:
         samples = collect(args, t, bus)
     if not samples:
@@ -263,17 +265,31 @@ def add_commands(subparsers: Any, common: argparse.ArgumentParser, target: argpa
         p.add_argument("--samples", type=int, default=3, metavar="N",
                        help="PZEM reads averaged per point (default 3)")
 
-    fmt = argparse.RawDescriptionHelpFormatter
+    fmt = Formatter
     p = subparsers.add_parser("calibrate", parents=[common, target, meter], formatter_class=fmt,
                               help="fit a sensor to a trusted meter and write [sensors.calibration]",
-                              description=__doc__)
+                              description="Compare a sensor with a trusted meter at one or more loads, fit a gain "
+                                          "(one point) or a gain and an offset (two or more) for voltage and "
+                                          "current, show the error before and after, and write the result into "
+                                          "the sensor's [sensors.calibration] in the config file that defines it. "
+                                          "In a terminal it prompts for the reference readings; --point gives "
+                                          "them on the command line. Restart the poller afterwards.",
+                              epilog="examples:\n"
+                                     "  dcmon calibrate --sensor battery                       # prompts\n"
+                                     "  dcmon calibrate --sensor battery --point 13.52,8.10 --dry-run\n"
+                                     "  dcmon calibrate --sensor battery --point 13.30,8.10 --point 26.70,40.50=26.40,40.00")
     points(p)
     p.add_argument("--dry-run", action="store_true", help="show the result, do not write the config")
     p.set_defaults(func=handler(cmd_calibrate))
 
     p = subparsers.add_parser("check-accuracy", parents=[common, target, meter], formatter_class=fmt,
                               help="compare a sensor with a trusted meter against the 1 %% spec",
-                              description=__doc__)
+                              description="Compare a sensor with a trusted meter and report the error of each "
+                                          "value against the PZEM's specified 1 % (plus one count). Changes "
+                                          "nothing. Exit status 1 when a value is outside the spec.",
+                              epilog="examples:\n"
+                                     "  dcmon check-accuracy --sensor battery --point 13.52,8.10\n"
+                                     "  dcmon check-accuracy --port /tmp/pzem --address 1 --point 13.31,8.10")
     points(p)
     p.set_defaults(func=handler(cmd_check_accuracy))
 
