@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "dcmon.tools",      # scan, set-address, shunt, reset-energy, read, watch, calibrate, check-accuracy
     "dcmon.spool_cli",  # spool (depth, export, quarantine)
     "dcmon.grafana",    # grafana-import
+    "dcmon.outputs.http",  # http-password
 )
 
 # The module that adds each command: `dcmon <command>` imports only that one, since the command modules'
@@ -34,6 +35,7 @@ COMMAND_OWNERS = {
                      "check-accuracy"), "dcmon.tools"),
     "spool": "dcmon.spool_cli",
     "grafana-import": "dcmon.grafana",
+    "http-password": "dcmon.outputs.http",
 }
 
 DEFAULT_CONFIGS = ("config.toml", "/etc/dcmon/config.toml")
