@@ -66,6 +66,7 @@ MAX_CONNECTIONS = 96              # a thread each: bounded, for a Pi Zero
 MAX_SSE_CLIENTS = 64
 SSE_QUEUE = 8                     # messages queued per client; the oldest is dropped beyond that
 SSE_WRITE_TIMEOUT_S = 20.0        # a client that takes no bytes for this long is dropped
+SSE_SNDBUF = 32 * 1024
 SNAPSHOT_MIN_INTERVAL_S = 0.25    # at most 4 snapshots a second, however many readings come in
 SNAPSHOT_MAX_INTERVAL_S = 5.0     # and one at least this often (spool line, heartbeat)
 REQUEST_TIMEOUT_S = 10.0          # to send a request's head
@@ -251,6 +252,7 @@ class _Meter:
     since_midnight: bool = False              # False: counting since the poller started (since_ns)
     since_ns: int = 0
     last_energy: float | None = None
+    reported: bool = False                    # meter_state() was called for it (else: the status dict's "up")
 
 
 def _labels_from(tags: Mapping[str, str], sensor: str, host: str) -> dict[str, str]:
@@ -305,7 +307,7 @@ class _Store:
                 for k in LABELS:
                     if labels.get(k) and k != "sensor":
                         m.labels[k] = str(labels[k])
-            m.up = bool(up)
+            m.up, m.reported = bool(up), True
             self.version += 1
 
     def copy(self) -> list[_Meter]:
@@ -328,6 +330,27 @@ ENERGY = ("dcmon_energy_joules", "The meter's energy counter in joules (Wh x 360
 JOULES_PER_WH = 3600.0
 
 
+def _sensors_of(st: Mapping[str, Any]) -> Mapping[str, Any]:
+    v = st.get("sensors")
+    return v if isinstance(v, Mapping) else {}
+
+
+def _with_status(meters: list[_Meter], sensors: Mapping[str, Any], host: str) -> list[_Meter]:
+    """Meters the output has not been told about yet come from the status dict (labels, up); a meter whose
+    up/down was never reported through meter_state() is down when the status says so."""
+    known = {m.sensor: m for m in meters}
+    for name, s in sensors.items():
+        if not isinstance(s, Mapping):
+            continue
+        up = s.get("up") if isinstance(s.get("up"), bool) else None
+        m = known.get(name)
+        if m is None:
+            meters.append(_Meter(name, _labels_from(s, name, host), up=up))
+        elif not m.reported and up is False:
+            m.up = False
+    return meters
+
+
 def _num(v: Any) -> float | None:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
@@ -347,13 +370,8 @@ class DcmonCollector:
         except Exception as e:   # noqa: BLE001 - a failing status callable must not break the readings' metrics
             log.warning("http: status() failed: %s", e)
             st = {}
-        sensors = st.get("sensors") if isinstance(st.get("sensors"), Mapping) else {}
-        known = {m.sensor for m in meters}
-        for name, s in sensors.items():   # meters not reported to the output yet: labels and up from the status
-            if name not in known and isinstance(s, Mapping):
-                meters.append(_Meter(name, _labels_from(s, name, self.store.host),
-                                     up=s.get("up") if isinstance(s.get("up"), bool) else None))
-
+        sensors = _sensors_of(st)
+        meters = _with_status(meters, sensors, self.store.host)
         yield from self._values(meters)
         yield from self._health(meters, st, sensors)
 
@@ -678,6 +696,8 @@ class _Handler(BaseHTTPRequestHandler):
             if self.command == "HEAD":
                 return
             self.connection.settimeout(SSE_WRITE_TIMEOUT_S)
+            # a small kernel buffer: a client that stops reading holds little memory and is noticed sooner
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SSE_SNDBUF)
             self.wfile.write(b"retry: 3000\n" + _sse(out.snapshot()))
             while not client.closed:
                 for msg in client.take(1.0):
@@ -808,7 +828,8 @@ class HttpOutput:
         return redact(self._safe_status())
 
     def snapshot(self) -> dict[str, Any]:
-        return _snapshot(self._store.copy(), self._safe_status())
+        st = self._safe_status()
+        return _snapshot(_with_status(self._store.copy(), _sensors_of(st), self._store.host), st)
 
     def add_client(self) -> _Client | None:
         with self._clients_lock:
