@@ -25,6 +25,7 @@ EXPECTED = {
                       for what in ("CPU per reading", "peak RSS with 32 meters", "CPU at 8 meters × 1 Hz")],
     "bench_encode.py": ["line protocol"],
     "bench_spool.py": ["spool drain vs direct post"],
+    "bench_http.py": ["on_reading with 20 live clients + 1 stalled vs none", "exposition, prometheus_client"],
 }
 
 
@@ -51,7 +52,7 @@ def _run(names: list[str]) -> dict[str, subprocess.CompletedProcess]:
 def outputs() -> dict[str, subprocess.CompletedProcess]:
     """One quick run of each: bench_bus (which mostly waits on the simulated wire) beside bench_encode and
     bench_spool (short bursts), then bench_cost alone (it keeps both cores busy)."""
-    return {**_run(["bench_bus.py", "bench_encode.py", "bench_spool.py"]), **_run(["bench_cost.py"])}
+    return {**_run(["bench_bus.py", "bench_encode.py", "bench_spool.py", "bench_http.py"]), **_run(["bench_cost.py"])}
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))
