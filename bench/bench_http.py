@@ -188,7 +188,7 @@ def main() -> int:
         print(f"{'value series of ' + str(args.meters) + ' meters, ms a scrape':40} {lib:18.3f} {hand:15.3f}")
         print(f"whole /metrics (health, process) via prometheus_client: {full:.3f} ms a scrape")
         share = full / 1000 / SCRAPE_INTERVAL_S * 100
-        print(f"RATIO exposition, prometheus_client {lib:.3f} ms vs hand-formatted {hand:.3f} ms ({lib / hand:.1f}×); "
+        print(f"RATIO exposition, prometheus_client vs hand-formatted: {lib:.3f} vs {hand:.3f} ms ({lib / hand:.1f}×); "
               f"whole scrape every {SCRAPE_INTERVAL_S:g} s = {share:.4f} % of a core (target ≤ 0.1 %) "
               f"{'PASS' if share <= 0.1 else 'MISS'}")
     return 0

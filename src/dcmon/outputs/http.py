@@ -731,6 +731,7 @@ class HttpOutput:
         self._clients_lock = threading.Lock()
         self._changed = threading.Event()
         self._stop = threading.Event()
+        self._status_error = ""
         self._login_ok: set[bytes] = set()
         self._login_lock = threading.Lock()
         self._server: _Server | None = None
@@ -819,9 +820,12 @@ class HttpOutput:
     def _safe_status(self) -> dict:
         try:
             st = self.status()
-        except Exception as e:   # noqa: BLE001 - one line, the rest of the page still works
-            log.warning("http: status() failed: %s", e)
+        except Exception as e:   # noqa: BLE001 - one line (once per different error), the rest still works
+            if str(e) != self._status_error:
+                log.warning("http: status() failed: %s", e)
+                self._status_error = str(e)
             return {}
+        self._status_error = ""
         return st if isinstance(st, dict) else {}
 
     def status_json(self) -> Any:
