@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 # Real parts the tests start on loopback: InfluxDB 1.x (v1 API), VictoriaMetrics (v2 write API),
 # mbpoll (an independent Modbus master), shellcheck, docker-compose (validates the compose file),
 # systemd (systemd-analyze verifies the unit), librsvg2-bin (renders the diagram).
-DEB_PACKAGES=(python3-venv python3-pip influxdb mbpoll victoria-metrics mosquitto mosquitto-clients shellcheck docker-compose systemd udev librsvg2-bin)
+DEB_PACKAGES=(python3-venv python3-pip influxdb mbpoll victoria-metrics mosquitto mosquitto-clients prometheus chromium shellcheck docker-compose systemd udev librsvg2-bin)
 
 # Node.js and npm check the dashboards against Grafana's published schema (@grafana/schema + tsc);
 # Debian's are installed only where no node/npm is on the PATH already.

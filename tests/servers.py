@@ -248,3 +248,57 @@ class Mosquitto(_Server):
         if user:
             args += ["-u", user, "-P", self.users[user]]
         return args
+
+
+class Prometheus(_Server):
+    """Debian's prometheus on loopback, scraping ``targets`` (host:port) every ``interval``, with a temporary
+    config and data directory. ``query()`` runs PromQL on /api/v1/query."""
+
+    def __init__(self, workdir: Path, targets: list[str], *, interval: str = "1s",
+                 basic_auth: tuple[str, str] | None = None) -> None:
+        if not shutil.which("prometheus"):
+            raise RuntimeError("prometheus not installed: apt-get install prometheus (scripts/test.sh does this)")
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.conf = self.dir / "prometheus.yml"
+        auth = ""
+        if basic_auth:
+            (self.dir / "scrape_password").write_text(basic_auth[1])
+            auth = (f"    basic_auth:\n      username: {basic_auth[0]!r}\n"
+                    f"      password_file: {str(self.dir / 'scrape_password')!r}\n")
+        self.conf.write_text(f"""global:
+  scrape_interval: {interval}
+  scrape_timeout: {interval}
+scrape_configs:
+  - job_name: dcmon
+{auth}    static_configs:
+      - targets: {targets!r}
+""")
+
+    def start(self) -> Prometheus:
+        self._spawn(["prometheus", f"--config.file={self.conf}", f"--storage.tsdb.path={self.dir}/data",
+                     f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"], f"{self.url}/-/ready")
+        return self
+
+    def query(self, q: str) -> list[dict]:
+        """The instant vector of a PromQL query: [{'metric': {...}, 'value': [t, 'v']}, ...]."""
+        r = httpx.get(f"{self.url}/api/v1/query", params={"query": q}, timeout=10)
+        r.raise_for_status()
+        body = r.json()
+        if body.get("status") != "success":
+            raise RuntimeError(f"{q}: {body}")
+        return body["data"]["result"]
+
+    def wait_for(self, q: str, check, timeout: float = 20.0) -> list[dict]:
+        """Query until ``check(result)`` is true; return that result (or raise with the last one)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            res = self.query(q)
+            if check(res):
+                return res
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{q}: still {res} after {timeout} s")
+            time.sleep(0.25)

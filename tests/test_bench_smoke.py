@@ -30,6 +30,7 @@ EXPECTED = {
     "bench_encode.py": ["line protocol"],
     "bench_spool.py": ["spool drain vs direct post"],
     "bench_dashboards.py": ["dashboard queries, raw / downsampled"],
+    "bench_http.py": ["on_reading with 20 live clients + 1 stalled vs none", "exposition, prometheus_client"],
 }
 
 
@@ -56,9 +57,10 @@ def _run(names: list[str]) -> dict[str, subprocess.CompletedProcess]:
 def outputs() -> dict[str, subprocess.CompletedProcess]:
     """One quick run of each: bench_bus (which mostly waits on the simulated wire) beside bench_encode and
     bench_spool (short bursts), then bench_cost alone (it keeps both cores busy), then bench_dashboards, then
-    bench_config alone (its back-to-back interpreters would starve the timed simulators)."""
+    bench_config alone (its back-to-back interpreters would starve the timed simulators), then bench_http alone
+    (its feeding loop and 20 clients would disturb bench_bus's timing)."""
     return {**_run(["bench_bus.py", "bench_encode.py", "bench_spool.py"]), **_run(["bench_cost.py"]),
-            **_run(["bench_dashboards.py"]), **_run(["bench_config.py"])}
+            **_run(["bench_dashboards.py"]), **_run(["bench_config.py"]), **_run(["bench_http.py"])}
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))

@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "dcmon.spool_cli",  # spool (depth, export, quarantine)
     "dcmon.grafana",    # grafana-import
     "dcmon.influx_setup",  # influx-setup
+    "dcmon.outputs.http",  # http-password
 )
 
 # The module that adds each command: `dcmon <command>` imports only that one, since the command modules'
@@ -35,6 +36,7 @@ COMMAND_OWNERS = {
     "spool": "dcmon.spool_cli",
     "grafana-import": "dcmon.grafana",
     "influx-setup": "dcmon.influx_setup",
+    "http-password": "dcmon.outputs.http",
 }
 
 # Which configuration a command uses, first match wins (docs/configuration.md, "Which file"):
