@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from dcmon import config
-from dcmon.poller import run
+from dcmon.service import run
 from dcmon.simulator import Simulator, meters_for
 
 ROOT = Path(__file__).resolve().parent.parent

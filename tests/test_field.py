@@ -23,7 +23,8 @@ from dcmon.calibration import apply_calibration
 from dcmon.cli import main
 from dcmon.config import Calibration
 from dcmon.models import PZEM017
-from dcmon.poller import STATUS_CRITICAL, STATUS_OK, STATUS_WARNING, Poller, assess
+from dcmon.poller import Poller
+from dcmon.service_cli import STATUS_CRITICAL, STATUS_OK, STATUS_WARNING, assess
 from dcmon.simulator import SimMeter, Simulator, meters_for
 
 CFG = """

@@ -192,6 +192,7 @@ def test_buses_are_polled_in_parallel(tmp_path):
         for th in ths:
             th.join()
         assert time.monotonic() - t < 0.75
+        assert poller.cycles == 2          # counted under the lock by both bus threads
         poller.close()
     finally:
         for s in sims:

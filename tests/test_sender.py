@@ -373,3 +373,15 @@ def test_min_send_interval_groups_cycles(fake, spool):
         t.join(5)
     assert fake.stored == lines
     assert 2 <= len(fake.requests) <= 5  # about one send per 0.4 s, not one per poke (10)
+
+
+def test_close_shuts_the_read_ahead_pool_down(fake, spool):
+    """A backlog is read ahead on a pool thread; close() ends that thread (issue 16)."""
+    spool.put(make_lines(30))
+    s = sender_for(spool, fake.url, batch=10)
+    assert s.send_once() is True                        # a full batch: the next one is read ahead
+    workers = list(s._pool._threads)                    # noqa: SLF001 - the pool's own threads
+    assert workers and all(t.is_alive() for t in workers)
+    s.close()
+    assert not any(t.is_alive() for t in workers)
+    s.close()  # twice is harmless

@@ -186,7 +186,7 @@ def test_a_user_without_access_gets_one_line_and_an_exit_status(layout):
 def test_the_status_lookup_survives_a_closed_run_dcmon(layout):
     """`Path.exists()` on /run/dcmon/status.json raises PermissionError when /run/dcmon is closed: the lookup
     must take that as "the service's status is there" and say how to read it."""
-    script = ("import sys, pathlib, dcmon.poller as p; p.SERVICE_STATUS = pathlib.Path(sys.argv[1]); "
+    script = ("import sys, pathlib, dcmon.service as p; p.SERVICE_STATUS = pathlib.Path(sys.argv[1]); "
               "from dcmon.cli import main; sys.exit(main(['status', '--config', sys.argv[2]]))")
     env = {k: v for k, v in layout.env().items() if k != "DCMON_STATUS_PATH"}
     r = layout.run("other", "-c", script, str(layout.status), layout.config, env=env, argv0=layout.python)

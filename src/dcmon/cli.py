@@ -18,7 +18,7 @@ from .errors import ConfigError, DcmonError
 # Modules that add subcommands (each has add_commands(subparsers)). Kept as a list so each stage of the
 # stack owns its own commands.
 COMMAND_MODULES = (
-    "dcmon.poller",     # run, simulate, check-config, status
+    "dcmon.service_cli",  # run, simulate, check-config, status
     "dcmon.tools",      # scan, set-address, shunt, reset-energy, read, watch, calibrate, check-accuracy
     "dcmon.spool_cli",  # spool (depth, export, quarantine)
     "dcmon.grafana",    # grafana-import
@@ -30,7 +30,7 @@ COMMAND_MODULES = (
 # imports (pymodbus, httpx) are nearly all of start-up (seconds on a Pi Zero). --help, --version
 # and unknown commands build the whole tree. tests/test_cli.py checks this table against the modules.
 COMMAND_OWNERS = {
-    **dict.fromkeys(("run", "check-config", "simulate", "status"), "dcmon.poller"),
+    **dict.fromkeys(("run", "check-config", "simulate", "status"), "dcmon.service_cli"),
     **dict.fromkeys(("scan", "set-address", "shunt", "reset-energy", "read", "watch", "calibrate",
                      "check-accuracy"), "dcmon.tools"),
     "spool": "dcmon.spool_cli",

@@ -115,6 +115,13 @@ class Sender:
                 self._commit_idle_acks()
             self._sleep(wait, stop)
 
+    def close(self) -> None:
+        """Shut the read-ahead thread pool down (after ``run`` has returned; the spool and the sink are the
+        caller's to close)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
     def send_once(self) -> bool:
         """Send one batch now, as run() does on each wake-up. True if a full batch went (more may wait).
         Raises the sink's error when the batch could not be delivered."""
