@@ -54,7 +54,7 @@ from servers import Influxd  # noqa: E402
 
 TARGET_CPU_MS, TARGET_RSS_MB, TARGET_IDLE_PCT = 1.0, 50.0, 1.0
 NO_EXIT = "; import os; os._exit(0)"     # leave without tearing the modules down: what the exit costs
-RUN_IMPORTS = "import dcmon.cli as c; c.build_parser(); import dcmon.spool, dcmon.sender, dcmon.influx, dcmon.systemd"
+RUN_IMPORTS = "import dcmon.cli as c; c.build_parser(); import dcmon.spool, dcmon.sender, dcmon.outputs.influx, dcmon.systemd"
 SEND_INTERVALS = (0.0, 5.0)           # Sender(min_send_interval_s=...): shipped default, and batched
 
 

@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import httpx  # noqa: E402
 
 from dcmon.config import InfluxConfig  # noqa: E402
-from dcmon.influx import InfluxSink  # noqa: E402
+from dcmon.outputs.influx import InfluxSink  # noqa: E402
 from dcmon.reading import encode_fields, encode_head  # noqa: E402
 from dcmon.sender import Sender  # noqa: E402
 from dcmon.spool import Spool  # noqa: E402

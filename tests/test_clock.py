@@ -18,7 +18,7 @@ import pytest
 from dcmon import config
 from dcmon.clock import Clock
 from dcmon.config import InfluxConfig
-from dcmon.influx import InfluxSink
+from dcmon.outputs.influx import InfluxSink
 from dcmon.poller import Poller
 from dcmon.reading import encode_line
 from dcmon.sender import Sender

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from dcmon.config import InfluxConfig
-from dcmon.influx import InfluxSink
+from dcmon.outputs.influx import InfluxSink
 from dcmon.reading import encode_line
 from dcmon.sender import Sender
 from dcmon.spool import Spool

@@ -425,7 +425,7 @@ def test_read_with_one_configured_sensor_does_not_ask_which(tmp_path, capsys):
 def test_database_not_found_is_said_once_with_the_spool_count(tmp_path, influxd, capsys):
     """One cause, one sentence: the sink names the missing database; the sender (or --once) adds, once, that
     the readings are kept, with their number."""
-    from dcmon.influx import InfluxSink
+    from dcmon.outputs.influx import InfluxSink
     from dcmon.sender import Sender
     from dcmon.spool import Spool
 

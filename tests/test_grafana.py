@@ -4,7 +4,7 @@ Data: the real poller (dcmon.poller.Poller) polls simulated meters on real pseud
 PZEM-017 on bus "house" (one of them named "solar.roof", so regex escaping is exercised) and a PZEM-004T on
 bus "grid". Between cycles the test advances each meter's energy counter by 100 Wh, resets one counter, makes
 one meter silent twice and sets one meter's low-voltage alarm threshold above its voltage. The poller's own
-lines (readings and dcmon_health) are written with the real writer (dcmon.influx.InfluxSink) to the real influxd,
+lines (readings and dcmon_health) are written with the real writer (dcmon.outputs.influx.InfluxSink) to the real influxd,
 after shifting each cycle's timestamps onto a three-day history (the poller stamps "now"; dashboards need days).
 
 Grafana itself cannot run here (no Debian package; `apt-cache policy grafana` shows none), so the queries
@@ -37,7 +37,7 @@ import pytest
 
 from dcmon import config
 from dcmon import poller as poller_mod
-from dcmon.influx import InfluxSink
+from dcmon.outputs.influx import InfluxSink
 from dcmon.influx_setup import Influx, setup
 from dcmon.spool import SpoolStats
 from dcmon.poller import Poller

@@ -23,7 +23,7 @@ import pytest
 
 from dcmon import config
 from dcmon import poller as poller_mod
-from dcmon.influx import InfluxSink
+from dcmon.outputs.influx import InfluxSink
 from dcmon.influx_setup import Influx, setup
 from dcmon.poller import Poller
 from dcmon.simulator import Simulator, meters_for

@@ -18,7 +18,7 @@ import pytest
 from dcmon import sender as sender_mod
 from dcmon.config import InfluxConfig
 from dcmon.errors import SinkRetryable
-from dcmon.influx import InfluxSink, redact_url
+from dcmon.outputs.influx import InfluxSink, redact_url
 from dcmon.reading import encode_line
 from dcmon.sender import Sender
 from dcmon.spool import Spool

@@ -12,7 +12,7 @@ import pytest
 
 from dcmon import config
 from dcmon.cli import main
-from dcmon.influx import InfluxSink
+from dcmon.outputs.influx import InfluxSink
 from dcmon.influx_setup import HOUR_RP, META_RP, MINUTE_RP, Backfill, Influx, flux_tasks, setup
 from dcmon.reading import encode_line
 from dcmon.sender import Sender

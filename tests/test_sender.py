@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from dcmon.config import InfluxConfig
-from dcmon.influx import InfluxSink
+from dcmon.outputs.influx import InfluxSink
 from dcmon.reading import encode_line
 from dcmon.sender import Sender
 from dcmon.spool import Spool

@@ -20,6 +20,7 @@ suggestions and the error format follow. Document its keys in docs/configuration
 
 from __future__ import annotations
 
+import dataclasses
 import grp
 import math
 import os
@@ -35,7 +36,7 @@ from urllib.parse import urlsplit
 from . import __version__
 from .errors import ConfigError
 from .models import MODELS, Model
-from .schema import INTERNAL, EnvText, Invalid, Loc, is_scalar, is_table, key, keys, parse, hint
+from .schema import INTERNAL, EnvText, Invalid, Loc, is_scalar, is_table, key, keys, parse, hint, rule_of
 
 if TYPE_CHECKING:
     from .bus import BusSettings
@@ -244,6 +245,46 @@ class GrafanaConfig:
     folder: str = "DC monitoring"   # "" = the General folder
 
 
+@dataclass(kw_only=True)
+class MqttConfig:
+    """``[mqtt]``: MQTT with Home Assistant discovery (docs/home-assistant.md). The keys' values are checked by
+    ``dcmon.outputs.mqtt.MqttSettings.from_dict`` (URL, topic prefixes, TLS files, the password file, ranges),
+    the one validator of this table, called by ``load`` (``_output_settings``); this table only gives the keys,
+    their types and defaults (tests/test_config.py keeps the defaults equal to MqttSettings'), so the file, the
+    DCMON_MQTT_* environment and "did you mean" work as for every table."""
+
+    enabled: bool = False
+    url: str = "mqtt://localhost:1883"
+    username: str = ""
+    password: str = key("", secret=True)
+    password_file: str = ""
+    client_id: str = ""
+    ca_file: str = ""
+    certfile: str = ""
+    keyfile: str = ""
+    qos: int = 1
+    topic_prefix: str = "dcmon"
+    discovery: bool = True
+    discovery_prefix: str = "homeassistant"
+    retain_state: bool = True
+    stream: bool = False
+    timeout_s: float = 10.0
+    settings: Any = field(default=None, metadata=INTERNAL, repr=False)   # MqttSettings, set by load()
+
+
+@dataclass(kw_only=True)
+class HttpConfig:
+    """``[http]``: the local HTTP endpoint (docs/http.md). Checked by ``dcmon.outputs.http.HttpSettings.from_dict``,
+    as [mqtt] is by its output's settings."""
+
+    enabled: bool = False
+    listen: str = "127.0.0.1:9917"
+    username: str = ""
+    password_hash: str = ""
+    page: bool = True
+    settings: Any = field(default=None, metadata=INTERNAL, repr=False)   # HttpSettings, set by load()
+
+
 def _bits_per_char(b: BusConfig, stopbits: int) -> int:
     return 1 + b.bytesize + (b.parity != "N") + stopbits
 
@@ -254,6 +295,8 @@ class Config:
     spool: SpoolConfig = key(factory=SpoolConfig)
     influxdb: InfluxConfig = key(factory=InfluxConfig)
     grafana: GrafanaConfig = key(factory=GrafanaConfig)
+    mqtt: MqttConfig = key(factory=MqttConfig)
+    http: HttpConfig = key(factory=HttpConfig)
     buses: dict[str, BusConfig] = key(factory=dict)
     sensors: list[SensorConfig] = key(factory=list)
 
@@ -385,6 +428,25 @@ class Config:
         if not os.access(folder, os.W_OK | os.X_OK):
             fail(f"{folder} is not writable by user {user}")
 
+    def outputs_enabled(self) -> list[str]:
+        """The enabled outputs, each with where it goes (never a secret), for describe()."""
+        out = []
+        if self.influxdb.enabled:
+            out.append("InfluxDB")
+        if self.mqtt.enabled:
+            m = self.mqtt.settings
+            url = m.url if m is not None else self.mqtt.url
+            out.append(f"MQTT {url}" + (f" (stream of every reading, spool {self.mqtt_spool_path()})"
+                                        if self.mqtt.stream else ""))
+        if self.http.enabled:
+            out.append(f"HTTP http://{self.http.listen}/")
+        return out or ["none (readings stay in the spool)"]
+
+    def mqtt_spool_path(self) -> Path:
+        """The MQTT stream's own spool, beside spool.path (one spool per durable output)."""
+        main = self.resolve(self.spool.path)
+        return main.with_name(f"{main.stem}-mqtt{main.suffix}")
+
     def describe(self) -> list[str]:
         """What is in use, for `dcmon check-config` and the poller's first log lines (never a secret)."""
         ix = self.influxdb
@@ -396,6 +458,7 @@ class Config:
             f"configuration: {' + '.join(self.origins) or self.source} (dcmon {__version__})",
             f"InfluxDB: {ix.url} (api {ix.api}), {target}" if ix.enabled else "InfluxDB: disabled (influxdb.enabled = false)",
             f"spool: {self.resolve(self.spool.path)}",
+            "outputs: " + ", ".join(self.outputs_enabled()),
             f"{len(sensors)} sensor(s) on {len(buses)} bus(es): "
             + ", ".join(f"{b} {self.buses[b].port} ({len(self.enabled_sensors(b))})" for b in buses),
         ]
@@ -552,7 +615,36 @@ def load(path: str | os.PathLike[str], *, local: str | os.PathLike[str] | None =
     cfg.source, cfg.base_dir, cfg.origins, cfg.source_of = str(main), str(main.resolve().parent), origins, source_of
     _read_secret_files(cfg)
     _check_ca_file(cfg)
+    _output_settings(cfg, data)
     return cfg
+
+
+def table_values(table: object) -> dict[str, Any]:
+    """A table's keys and values (not the loader's internal fields), as a from_dict validator takes them."""
+    return {f.name: getattr(table, f.name) for f in dataclasses.fields(table)  # type: ignore[arg-type]
+            if not rule_of(f).internal}
+
+
+def _output_settings(cfg: Config, data: dict[str, Any]) -> None:
+    """Validate [mqtt] and [http] with their outputs' own validators (imported only when the table is used:
+    paho and prometheus_client are not part of every command's start-up)."""
+    for section in ("mqtt", "http"):
+        table = getattr(cfg, section)
+        if not table.enabled and not data.get(section):
+            continue
+        values = table_values(table)
+        try:
+            if section == "mqtt":
+                from .outputs.mqtt import MqttSettings
+
+                table.settings = MqttSettings.from_dict(values, cfg.source_of((section,)), base_dir=cfg.base_dir)
+            else:
+                from .outputs.http import HttpSettings
+
+                table.settings = HttpSettings.from_dict(values, cfg.source_of((section,)))
+        except ConfigError as e:
+            where = cfg.source_of(tuple(e.key.split(".")[:2])) if e.key else e.file
+            raise ConfigError(where, e.key, e.problem, e.fix) from None
 
 
 def _read_secret_files(cfg: Config) -> None:

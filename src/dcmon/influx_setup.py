@@ -46,7 +46,7 @@ import httpx
 
 from .config import Config, InfluxConfig, load
 from .errors import ConfigError, DcmonError, SinkError
-from .influx import InfluxSink
+from .outputs.influx import InfluxSink
 
 log = logging.getLogger(__name__)
 
@@ -424,6 +424,10 @@ class _WatchedSink:
             self._backfill._seen(False, "")
             raise
         self._backfill._seen(True, lines[0] if lines else "")
+
+    def ping(self) -> bool:
+        """The sender's probe while it backs off (without it the probe never saw the server come back)."""
+        return self._sink.ping()
 
     def close(self) -> None:
         self._sink.close()

@@ -207,13 +207,17 @@ class Poller:
     """Owns the buses and sensor states; `poll_bus_once` is one cycle of one bus."""
 
     def __init__(self, cfg: Config, *, put: Callable[[list[str]], None], buses: dict[str, Bus] | None = None,
-                 on_reading: Callable[[Reading], None] | None = None, settle_on_start: bool = False,
+                 on_reading: Callable[[Reading], None] | None = None,
+                 on_meter_state: Callable[[SensorState, bool], None] | None = None,
+                 extra_lines: Callable[[list[Reading]], list[str]] | None = None, settle_on_start: bool = False,
                  retrying: bool = True, hint_simulate: bool = False,
                  progress: Callable[[str], None] | None = None, clock: Clock | None = None) -> None:
         self.cfg = cfg
         self.clock = clock  # dcmon.clock: stamps (provisional while the wall clock is not trusted); None = wall
         self.put = put
         self.on_reading = on_reading
+        self.on_meter_state = on_meter_state  # after every poll of a meter: (its state, does it answer?)
+        self.extra_lines = extra_lines        # a cycle's readings → more lines for the same spool transaction
         self.host = cfg.host
         self.buses = buses if buses is not None else {
             name: Bus(cfg.bus_settings(name)) for name in cfg.buses if cfg.enabled_sensors(name)
@@ -240,15 +244,21 @@ class Poller:
         if not self._open(bus):
             for s in self.cfg.enabled_sensors(bus_name):
                 self.states[s.name].polls_failed += 1
+                if self.on_meter_state:
+                    self.on_meter_state(self.states[s.name], False)
             return readings
         for s in self.cfg.enabled_sensors(bus_name):
-            r = self._poll_sensor(bus, self.states[s.name])
+            st = self.states[s.name]
+            r = self._poll_sensor(bus, st)
             if r is not None:
                 readings.append(r)
+            if self.on_meter_state and st.up is not None:
+                self.on_meter_state(st, st.up)
             if self._progress:
                 self._progress(f"poll:{bus_name}")
         if readings:
-            self.put([r.to_line() for r in readings])
+            lines = [r.to_line() for r in readings]
+            self.put(lines + self.extra_lines(readings) if self.extra_lines else lines)
             if self.on_reading:
                 for r in readings:
                     self.on_reading(r)

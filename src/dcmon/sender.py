@@ -1,6 +1,6 @@
 """The sender: drains the spool into InfluxDB, oldest first, deleting a batch only once the server took it.
 
-What it does with each answer (see dcmon.influx for the classification):
+What it does with each answer (see dcmon.outputs.influx for the classification):
 - success                → ack (delete) the batch;
 - SinkPermanent (400)    → quarantine the lines the server named (InfluxDB 2.x: "line N"; 1.x quotes the
                            bad line: "unable to parse '...'"), re-send the rest; when the server does not say
@@ -29,7 +29,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from .errors import SinkAuth, SinkError, SinkPermanent, SinkRetryable, SinkTooLarge
-from .influx import InfluxSink, redact_url
+from .outputs.base import Sink
+from .outputs.influx import redact_url
 from .spool import Spool
 
 log = logging.getLogger(__name__)
@@ -44,10 +45,10 @@ _QUOTED = re.compile(r"unable to parse '(.+?)': ")
 
 
 class Sender:
-    """Drains a Spool into an InfluxSink. ``run`` is the thread body; ``flush`` may be called from another
+    """Drains a Spool into a Sink (dcmon.outputs.base: InfluxSink, the MQTT stream). ``run`` is the thread body; ``flush`` may be called from another
     thread (sends are serialised by a lock)."""
 
-    def __init__(self, spool: Spool, sink: InfluxSink | None, *, batch_lines: int = 5000,
+    def __init__(self, spool: Spool, sink: Sink | None, *, batch_lines: int = 5000,
                  min_backoff_s: float = 1.0, max_backoff_s: float = 60.0, min_send_interval_s: float = 0.0,
                  on_backlog_sent: Callable[[float], None] | None = None) -> None:
         """``min_send_interval_s``: with no backlog, send at most this often (pokes in between only mark
@@ -175,7 +176,8 @@ class Sender:
             return
         self._next_probe = now + PROBE_INTERVAL_S
         try:
-            up = self.sink.ping()
+            ping = getattr(self.sink, "ping", None)   # optional in the Sink contract
+            up = bool(ping()) if ping is not None else False
         except Exception:  # noqa: BLE001 - a probe is only a hint
             up = False
         if up:

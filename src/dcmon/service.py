@@ -15,12 +15,14 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 from .clock import Clock
 from .config import Config, SensorConfig
 from .errors import DcmonError, SinkError
-from .poller import Poller, bus_loop
+from .outputs.base import Output, OutputContext
+from .poller import Poller, SensorState, bus_loop
 from .reading import Reading
 from .systemd import Watchdog
 
@@ -106,14 +108,305 @@ def format_reading(r: Reading) -> str:
     return text
 
 
+# ---------------------------------------------------------------------------------------- the service
+
+class ReadingConsumer(Protocol):
+    """Something in the process that takes each bus cycle's readings and adds lines of its own to the same
+    spool transaction (e.g. a battery monitor's state of charge), with a status of its own in status.json.
+    Add one to ``Service.consumers`` (see there)."""
+
+    name: str
+
+    def on_readings(self, readings: Sequence[Reading]) -> list[str]: ...
+
+    def status(self) -> dict[str, object]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class Lane:
+    """A durable output's spool and the Sender draining it (one spool file and one sender thread per durable
+    output: an outage of one output never blocks, slows or loses the other's data)."""
+
+    output: Output
+    spool: Spool
+    sender: Sender
+    loop: str                                    # its watchdog loop name ("send", "send:mqtt")
+    thread: threading.Thread | None = None
+
+
+class Heartbeat:
+    """When each loop last made progress: feeds the systemd watchdog and ``/healthz`` (HTTP output)."""
+
+    def __init__(self, watchdog: Watchdog, max_age_s: float) -> None:
+        self.watchdog, self.max_age_s = watchdog, max_age_s
+        self._at: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def register(self, name: str) -> None:
+        self.watchdog.register(name)
+        with self._lock:
+            self._at.setdefault(name, time.monotonic())
+
+    def progress(self, name: str) -> None:
+        self.watchdog.progress(name)
+        with self._lock:
+            self._at[name] = time.monotonic()
+
+    def healthy(self) -> bool:
+        """Every loop progressed within ``max_age_s``."""
+        now = time.monotonic()
+        with self._lock:
+            return all(now - t <= self.max_age_s for t in self._at.values())
+
+
+class Service:
+    """The job of `dcmon run`: the poller, the outputs (dcmon.outputs: one spool + Sender per durable output,
+    the others fed in memory), the status file, the watchdog. ``run()`` = ``start`` + the loop + ``stop``."""
+
+    def __init__(self, cfg: Config, *, once: bool = False, echo: bool = False, hint_simulate: bool = False,
+                 clock: Clock | None = None) -> None:
+        from . import outputs as outputs_mod
+        from .sender import Sender
+        from .spool import Spool
+
+        self.cfg = cfg
+        self.clock = clock or Clock()  # one clock for stamps and the spools (held readings, the age cap)
+        self.watchdog = Watchdog.from_env()
+        self.beat = Heartbeat(self.watchdog, max_age_s=max(30.0, 3 * cfg.poller.interval_s))
+        self._echo = echo
+        self._complaints: dict[tuple[str, str], str] = {}
+        self._complaints_lock = threading.Lock()
+        # Reading consumers: each cycle's readings in, extra lines (spooled with the cycle) out, a status dict
+        # under its name in status.json, closed at the end. Add one here, e.g.
+        #     self.consumers.append(BatteryService(cfg, ...))
+        self.consumers: list[ReadingConsumer] = []
+        self.outputs: list[Output] = []
+        self.lanes: list[Lane] = []
+        try:
+            self.outputs = outputs_mod.build(cfg, OutputContext(status=lambda: self.status_record("running"),
+                                                                healthy=self.beat.healthy))
+            for out in self.outputs:
+                if not out.durable or out.spool_path is None:
+                    continue
+                spool = Spool.open(out.spool_path, max_bytes=cfg.spool.max_bytes,
+                                   max_age_s=cfg.spool.max_age_days * 86400, durability=cfg.spool.durability,
+                                   clock=self.clock)
+                sender = Sender(spool, out.sink(), batch_lines=cfg.spool.batch_lines,
+                                on_backlog_sent=out.on_backlog_sent)
+                self.lanes.append(Lane(out, spool, sender, "send" if not self.lanes else f"send:{out.name}"))
+        except BaseException:
+            self._close_outputs()
+            raise
+        self.main = self.lanes[0]   # InfluxDB's: spool.path (energy counters, health points, `dcmon spool`)
+        self.spool = self.main.spool
+        for lane in self.lanes:
+            self.beat.register(lane.loop)
+        self.poller = Poller(cfg, put=self._put, on_reading=self._on_reading, on_meter_state=self._on_meter_state,
+                             extra_lines=self._extra_lines if self.consumers else None, retrying=not once,
+                             hint_simulate=hint_simulate, progress=self.beat.progress, clock=self.clock)
+        self.poller.restore_counters(_load_counters(self.spool))
+        for name in self.poller.buses:
+            self.beat.register(f"poll:{name}")
+
+    # ------------------------------------------------------------------- what the bus threads call
+    def _put(self, lines: list[str]) -> None:
+        """A bus cycle's lines: into every durable output's spool (one transaction each), then wake its sender."""
+        for lane in self.lanes:
+            try:
+                lane.spool.put(lines)
+            except Exception as e:   # noqa: BLE001 - one output's spool failing must not cost the others theirs
+                if lane is self.main:
+                    raise
+                self._complain(lane.output.name, "spool", e)
+            lane.sender.poke()
+
+    def _extra_lines(self, readings: list[Reading]) -> list[str]:
+        extra: list[str] = []
+        for c in self.consumers:
+            try:
+                extra += c.on_readings(readings)
+            except Exception as e:   # noqa: BLE001 - a consumer's bug must not stop the readings
+                self._complain(c.name, "on_readings", e)
+        return extra
+
+    def _on_reading(self, r: Reading) -> None:
+        if self._echo:
+            print(format_reading(r), flush=True)
+        for out in self.outputs:
+            try:
+                out.on_reading(r)
+            except Exception as e:   # noqa: BLE001 - an output's bug must not stop the bus or the other outputs
+                self._complain(out.name, "on_reading", e)
+
+    def _on_meter_state(self, st: SensorState, up: bool) -> None:
+        labels = {"host": self.cfg.host, "bus": st.cfg.bus, "model": st.cfg.model}
+        for out in self.outputs:
+            try:
+                out.meter_state(st.name, up, labels)
+            except Exception as e:   # noqa: BLE001 - as above
+                self._complain(out.name, "meter_state", e)
+
+    def _complain(self, who: str, what: str, e: BaseException) -> None:
+        """An output's unexpected error: one line per output, call and kind of error (debug has the traceback)."""
+        text = f"{type(e).__name__}: {e}"
+        log.debug("%s: %s failed", who, what, exc_info=True)
+        with self._complaints_lock:
+            if self._complaints.get((who, what)) == text:
+                return
+            self._complaints[(who, what)] = text
+        log.error("output %s: %s failed (%s); polling and the other outputs go on", who, what, text)
+
+    # ------------------------------------------------------------------------------------ status
+    def status_record(self, state: str) -> dict[str, object]:
+        """What status.json holds (and HTTP's /status): the poller's status, the InfluxDB spool under "spool"
+        (as before outputs were peers), and every output under "outputs" with its own backlog."""
+        from . import __version__
+
+        stats = _stats_dict(self.spool.stats())
+        outputs: dict[str, object] = {}
+        for out in self.outputs:
+            try:
+                entry: dict[str, object] = dict(out.status())
+            except Exception as e:   # noqa: BLE001 - a status must always be written
+                entry = {"last_error": f"status failed: {type(e).__name__}"}
+            lane = next((ln for ln in self.lanes if ln.output is out), None)
+            if lane is not None:
+                own_error = entry.get("last_error", "")
+                entry.update(stats if lane is self.main else _stats_dict(lane.spool.stats()))
+                entry.update({"spool": str(lane.spool.path), "sent_points": lane.sender.sent_points,
+                              "send_failures": lane.sender.send_failures,
+                              "last_error": lane.sender.last_error or own_error, "sending": out.sink() is not None})
+            outputs[out.name] = entry
+        record: dict[str, object] = {
+            **self.poller.status(), "state": state, "version": __version__, "interval_s": self.cfg.poller.interval_s,
+            "influxdb_enabled": self.cfg.influxdb.enabled, "spool": stats, "sender_error": self.main.sender.last_error,
+            "outputs": outputs}
+        for c in self.consumers:
+            try:
+                record[c.name] = c.status()
+            except Exception as e:   # noqa: BLE001 - as above
+                self._complain(c.name, "status", e)
+        return record
+
+    # --------------------------------------------------------------------------------- the job
+    def start_outputs(self) -> None:
+        for out in self.outputs:
+            out.start()
+
+    def run_once(self) -> int:
+        cfg, spool, sender = self.cfg, self.spool, self.main.sender
+        _poll_all_once(self.poller)
+        quarantined_before = spool.stats().quarantined
+        for lane in self.lanes[1:]:   # the other durable outputs: what this cycle spooled, for up to their timeout
+            if lane.output.sink() is not None and not lane.sender.flush(timeout_s=10.0):
+                log.warning("%s: %d reading(s) kept in the spool %s (%s)", lane.output.name, lane.spool.stats().depth,
+                            lane.spool.path, lane.sender.last_error or "not sent in time")
+        if cfg.influxdb.enabled:
+            # send while it works (a backlog too, for up to 30 s); the first failure ends it with one line
+            deadline = time.monotonic() + 30.0
+            try:
+                while sender.send_once() and time.monotonic() < deadline:
+                    pass
+            except SinkError as e:
+                log.warning("%s; %d reading(s) kept in the spool %s", e, spool.stats().depth, spool.path)
+            else:
+                stats = spool.stats()
+                refused = stats.quarantined - quarantined_before
+                if refused > 0:
+                    log.warning("InfluxDB refused %d line(s) for good: set aside in the quarantine (`dcmon spool "
+                                "quarantine list` shows why)", refused)
+                    return 1
+                if stats.depth:
+                    log.info("%d reading(s) still queued in the spool %s", stats.depth, spool.path)
+                elif any(st.up for st in self.poller.states.values()):
+                    log.info("all readings written to %s", cfg.influxdb.url)
+        return _cycle_status(self.poller)
+
+    def run_forever(self, stop: threading.Event) -> int:
+        cfg, poller, spool, watchdog = self.cfg, self.poller, self.spool, self.watchdog
+
+        def on_signal(signum: int, _frame: object) -> None:
+            log.info("%s received: finishing the current cycle and flushing", signal.Signals(signum).name)
+            stop.set()
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, on_signal)
+            signal.signal(signal.SIGINT, on_signal)
+        threads = [threading.Thread(target=bus_loop, args=(poller, name, stop, self.beat.progress), name=f"poll {name}",
+                                    daemon=True) for name in poller.buses]
+        for lane in self.lanes:
+            lane.thread = threading.Thread(target=lane.sender.run, args=(stop,), daemon=True,
+                                           name="sender" if lane is self.main else f"sender {lane.output.name}")
+        for t in threads:
+            t.start()
+        for lane in self.lanes:
+            assert lane.thread is not None
+            lane.thread.start()
+        log.info("polling %d sensor(s) on %d bus(es) every %g s", len(poller.states), len(poller.buses), cfg.poller.interval_s)
+        watchdog.ready(f"polling {len(poller.states)} sensor(s) on {len(poller.buses)} bus(es)")
+        spath = status_path(cfg)
+        last_send_check = next_status = time.monotonic()
+        next_counters = next_status + COUNTERS_SAVE_S
+        next_health = time.monotonic() + min(10.0, cfg.poller.health_interval_s or 10.0)
+        while not stop.wait(1.0):
+            now = time.monotonic()
+            if now >= next_status:  # every 5 s: cheap, and on tmpfs under systemd (RuntimeDirectory)
+                next_status = now + 5.0
+                _write_status(spath, self.status_record("running"))
+            if now >= next_counters:
+                next_counters = now + COUNTERS_SAVE_S
+                _save_counters(spool, poller)
+            if cfg.poller.health_interval_s and time.monotonic() >= next_health:
+                next_health = time.monotonic() + cfg.poller.health_interval_s
+                spool.put(poller.health_lines(spool.stats(), self.main.sender))
+            for lane in self.lanes:
+                if lane.thread is not None and lane.thread.is_alive() and lane.sender.last_progress >= last_send_check:
+                    self.beat.progress(lane.loop)
+            last_send_check = now
+            watchdog.maybe_ping()
+        for lane in self.lanes:
+            lane.sender.poke()  # wake the senders now rather than at their next tick
+        for t in threads:
+            t.join(timeout=max(5.0, max((b.timeout_s * (b.retries + 1) for b in cfg.buses.values()), default=0) * 10))
+        for lane in self.lanes:
+            if lane.thread is not None:
+                lane.thread.join(timeout=5.0)
+        for lane in self.lanes:
+            if lane.output.sink() is not None and not lane.sender.flush(timeout_s=5.0):
+                log.info("%d reading(s) stay in the spool %s for the next start", lane.spool.stats().depth,
+                         lane.spool.path)
+        watchdog.stopping()
+        _write_status(spath, self.status_record("stopped"))
+        log.info("stopped")
+        return 0
+
+    def close(self) -> None:
+        _save_counters(self.spool, self.poller)
+        self.poller.close()
+        for c in self.consumers:
+            try:
+                c.close()
+            except Exception as e:   # noqa: BLE001 - closing the rest matters more
+                self._complain(c.name, "close", e)
+        self._close_outputs()
+
+    def _close_outputs(self) -> None:
+        for lane in self.lanes:
+            lane.sender.close()
+            lane.spool.close()
+        for out in self.outputs:
+            try:
+                out.close()
+            except Exception as e:   # noqa: BLE001 - closing the rest matters more
+                self._complain(out.name, "close", e)
+
+
 def run(cfg: Config, *, simulate: bool = False, once: bool = False, echo: bool | None = None,
         stop: threading.Event | None = None, hint_simulate: bool = False, test: bool = False,
         clock: Clock | None = None) -> int:
     """The main job. Returns the exit status. ``echo``: print each reading (default: with ``once`` only)."""
-    from .influx import InfluxSink
-    from .sender import Sender
-    from .spool import Spool
-
     cfg.require_sensors()   # the last checks before any I/O: something to poll, a spool we can write
     if test:
         return run_test(cfg, simulate=simulate, hint_simulate=hint_simulate)
@@ -122,42 +415,24 @@ def run(cfg: Config, *, simulate: bool = False, once: bool = False, echo: bool |
         log.info("%s", line)
     stop = stop or threading.Event()
     sims = start_simulators(cfg) if simulate else []
-    clock = clock or Clock()  # one clock for stamps and the spool (held readings, the age cap)
-    spool = Spool.open(cfg.resolve(cfg.spool.path), max_bytes=cfg.spool.max_bytes,
-                       max_age_s=cfg.spool.max_age_days * 86400, durability=cfg.spool.durability, clock=clock)
-    from .influx_setup import Backfill  # downsamples what a backlog delivered (a no-op before influx-setup)
-    backfill = Backfill(cfg)
-    sink = backfill.watch(InfluxSink(cfg.influxdb)) if cfg.influxdb.enabled else None
-    sender = Sender(spool, sink, batch_lines=cfg.spool.batch_lines, on_backlog_sent=backfill if sink else None)
-
-    def put(lines: list[str]) -> None:
-        spool.put(lines)
-        sender.poke()
-
-    def show(r: Reading) -> None:
-        print(format_reading(r), flush=True)
-
-    watchdog = Watchdog.from_env(loops=["send"])
-    poller = Poller(cfg, put=put, on_reading=show if (once if echo is None else echo) else None, retrying=not once,
-                    hint_simulate=hint_simulate, progress=watchdog.progress, clock=clock)
-    poller.restore_counters(_load_counters(spool))
-    for name in poller.buses:
-        watchdog.register(f"poll:{name}")
-    if not poller.states:
+    try:
+        service = Service(cfg, once=once, echo=bool(once if echo is None else echo), hint_simulate=hint_simulate,
+                          clock=clock)
+    except BaseException:
+        for s in sims:
+            s.stop()
+        raise
+    if not service.poller.states:
         log.warning("no enabled sensors in %s: nothing to poll", cfg.source)
-    if not sink and once:  # the sender's thread says it when the poller runs on
+    if not cfg.influxdb.enabled and once:  # the sender's thread says it when the poller runs on
         log.warning("influxdb.enabled = false: readings are kept in the spool %s only", cfg.resolve(cfg.spool.path))
     try:
+        service.start_outputs()
         if once:
-            return _run_once(cfg, poller, sender, spool)
-        return _run_forever(cfg, poller, sender, spool, stop, watchdog)
+            return service.run_once()
+        return service.run_forever(stop)
     finally:
-        _save_counters(spool, poller)
-        poller.close()
-        sender.close()
-        spool.close()
-        if sink:
-            sink.close()
+        service.close()
         for s in sims:
             s.stop()
 
@@ -224,98 +499,9 @@ def run_test(cfg: Config, *, simulate: bool = False, hint_simulate: bool = False
     return _cycle_status(poller)
 
 
-def _run_once(cfg: Config, poller: Poller, sender: Sender, spool: Spool) -> int:
-    _poll_all_once(poller)
-    quarantined_before = spool.stats().quarantined
-    if cfg.influxdb.enabled:
-        # send while it works (a backlog too, for up to 30 s); the first failure ends it with one line
-        deadline = time.monotonic() + 30.0
-        try:
-            while sender.send_once() and time.monotonic() < deadline:
-                pass
-        except SinkError as e:
-            log.warning("%s; %d reading(s) kept in the spool %s", e, spool.stats().depth, spool.path)
-        else:
-            stats = spool.stats()
-            refused = stats.quarantined - quarantined_before
-            if refused > 0:
-                log.warning("InfluxDB refused %d line(s) for good: set aside in the quarantine (`dcmon spool "
-                            "quarantine list` shows why)", refused)
-                return 1
-            if stats.depth:
-                log.info("%d reading(s) still queued in the spool %s", stats.depth, spool.path)
-            elif any(st.up for st in poller.states.values()):
-                log.info("all readings written to %s", cfg.influxdb.url)
-    return _cycle_status(poller)
-
-
-def _run_forever(cfg: Config, poller: Poller, sender: Sender, spool: Spool, stop: threading.Event,
-                 watchdog: Watchdog) -> int:
-
-    def on_signal(signum: int, _frame: object) -> None:
-        log.info("%s received: finishing the current cycle and flushing", signal.Signals(signum).name)
-        stop.set()
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-    threads = [threading.Thread(target=bus_loop, args=(poller, name, stop, watchdog.progress), name=f"poll {name}", daemon=True)
-               for name in poller.buses]
-
-    def send_loop() -> None:
-        sender.run(stop)
-
-    sender_thread = threading.Thread(target=send_loop, name="sender", daemon=True)
-    for t in threads:
-        t.start()
-    sender_thread.start()
-    log.info("polling %d sensor(s) on %d bus(es) every %g s", len(poller.states), len(poller.buses), cfg.poller.interval_s)
-    watchdog.ready(f"polling {len(poller.states)} sensor(s) on {len(poller.buses)} bus(es)")
-    spath = status_path(cfg)
-    last_send_check = next_status = time.monotonic()
-    next_counters = next_status + COUNTERS_SAVE_S
-    next_health = time.monotonic() + min(10.0, cfg.poller.health_interval_s or 10.0)
-    while not stop.wait(1.0):
-        now = time.monotonic()
-        stats = spool.stats()
-        if now >= next_status:  # every 5 s: cheap, and on tmpfs under systemd (RuntimeDirectory)
-            next_status = now + 5.0
-            _write_status(spath, _status_record(cfg, poller, stats, sender, "running"))
-        if now >= next_counters:
-            next_counters = now + COUNTERS_SAVE_S
-            _save_counters(spool, poller)
-        if cfg.poller.health_interval_s and time.monotonic() >= next_health:
-            next_health = time.monotonic() + cfg.poller.health_interval_s
-            spool.put(poller.health_lines(stats, sender))
-        if sender_thread.is_alive() and getattr(sender, "last_progress", now) >= last_send_check:
-            watchdog.progress("send")
-        last_send_check = now
-        watchdog.maybe_ping()
-    sender.poke()  # wake the sender now rather than at its next tick
-    for t in threads:
-        t.join(timeout=max(5.0, max((b.timeout_s * (b.retries + 1) for b in cfg.buses.values()), default=0) * 10))
-    sender_thread.join(timeout=5.0)
-    if cfg.influxdb.enabled and not sender.flush(timeout_s=5.0):
-        log.info("%d reading(s) stay in the spool for the next start", spool.stats().depth)
-    watchdog.stopping()
-    _write_status(spath, _status_record(cfg, poller, spool.stats(), sender, "stopped"))
-    log.info("stopped")
-    return 0
-
-
 # The energy counters are saved this often (and at every stop): a counter only grows, so after a kill the saved
 # value is at most a minute behind and a reset made while stopped is still a drop below it.
 COUNTERS_SAVE_S = 60.0
-
-
-def _status_record(cfg: Config, poller: Poller, stats: SpoolStats, sender: Sender, state: str) -> dict[str, object]:
-    from . import __version__
-
-    return {**poller.status(), "state": state, "version": __version__, "interval_s": cfg.poller.interval_s,
-            "influxdb_enabled": cfg.influxdb.enabled, "spool": _stats_dict(stats),
-            "sender_error": getattr(sender, "last_error", "")}
-
-
 
 
 def _stats_dict(stats: SpoolStats) -> dict[str, object]:

@@ -45,10 +45,9 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
-from typing import Any, Callable, ClassVar, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -57,6 +56,10 @@ from prometheus_client.exposition import choose_encoder
 from .. import __version__
 from ..errors import ConfigError, DcmonError
 from ..reading import Reading
+from .base import Output, OutputContext
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 log = logging.getLogger("dcmon.http")
 
@@ -445,7 +448,7 @@ class DcmonCollector:
         yield from _output_metrics(host, _outputs_of(st))
 
 
-def _outputs_of(st: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+def _outputs_of(st: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Per-output stats from the status dict, tolerant of its shape: ``outputs`` {name: {...}}, ``spool`` as
     {name: {...}} (one spool per output), or ``spool`` as one flat dict (today's single InfluxDB spool, whose
     sender's counters sit at the top level)."""
@@ -755,7 +758,8 @@ class HttpOutput:
         if self._server is None:
             return ""
         host, port = self._server.server_address[:2]
-        return f"http://[{host}]:{port}" if ":" in str(host) else f"http://{host}:{port}"
+        name = host.decode() if isinstance(host, bytes) else str(host)
+        return f"http://[{name}]:{port}" if ":" in name else f"http://{name}:{port}"
 
     def start(self) -> HttpOutput:
         host, port = self.settings.address
@@ -908,3 +912,40 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     p.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS,
                    help=f"PBKDF2 iterations (default {DEFAULT_ITERATIONS})")
     p.set_defaults(func=cmd_http_password)
+
+
+# ------------------------------------------------------------------------------------------- the output
+
+class HttpService(Output):
+    """The HTTP endpoint as one of the service's outputs (live only: nothing to spool)."""
+
+    name = "http"
+
+    def __init__(self, settings: HttpSettings, ctx: OutputContext, host: str) -> None:
+        self.server = HttpOutput(settings, status=ctx.status, healthy=ctx.healthy, host=host)
+
+    def start(self) -> None:
+        self.server.start()   # a port that cannot be had: ConfigError naming http.listen, before any poll
+
+    def on_reading(self, reading: Reading) -> None:
+        self.server.on_reading(reading)
+
+    def meter_state(self, sensor: str, up: bool, labels: Mapping[str, str]) -> None:
+        self.server.meter_state(sensor, up, labels)
+
+    def status(self) -> dict[str, object]:
+        return {"url": self.server.url, "clients": self.server.live_clients}
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def from_config(cfg: Config, ctx: OutputContext) -> Output | None:
+    if not cfg.http.enabled:
+        return None
+    settings = cfg.http.settings
+    if settings is None:   # a Config made without load(): validate here
+        from ..config import table_values
+
+        settings = HttpSettings.from_dict(table_values(cfg.http), cfg.source)
+    return HttpService(settings, ctx, cfg.host)

@@ -45,7 +45,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
@@ -55,6 +55,10 @@ from .. import __version__
 from ..errors import ConfigError, SinkAuth, SinkError, SinkPermanent, SinkRetryable
 from ..models import Model, decimals
 from ..reading import FieldScalar, Reading
+from .base import Output, OutputContext
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 log = logging.getLogger(__name__)
 
@@ -397,6 +401,10 @@ class MqttOutput:
     def connected(self) -> bool:
         return self._connected
 
+    def ping(self) -> bool:
+        """The Sink contract's probe: connected again? (the sender then sends the stream's backlog at once)"""
+        return self._connected
+
     def wait_connected(self, timeout_s: float) -> bool:
         """True once connected (for tests and `run --once`)."""
         with self._cv:
@@ -497,7 +505,7 @@ class MqttOutput:
             self._stream_pending = []
             self.stream_sent += len(infos)
 
-    write = send_batch  # the InfluxSink name, so the current Sender can drive this output unchanged
+    write = send_batch  # the Sink contract (dcmon.outputs.base.Sink): a Sender drains the stream's spool into it
 
     def _wait_acked(self, infos: list[mqtt.MQTTMessageInfo]) -> None:
         """Wait for each PUBACK, up to timeout_s per message (a slow big batch is not a dead broker)."""
@@ -875,3 +883,51 @@ def parse_line(line: str) -> Reading:
         raise ValueError("no timestamp")
     time_ns = int(line[i + 1:].strip())
     return Reading(measurement=measurement, time_ns=time_ns, tags=tags, fields=fields, sensor=tags.get("sensor", ""))
+
+
+# ------------------------------------------------------------------------------------------- the output
+
+class MqttService(Output):
+    """MQTT as one of the service's outputs: each reading as its meter's newest state, availability from the
+    poller's meter states, and, with ``mqtt.stream = true``, a durable output of its own (the spool beside
+    spool.path, drained by its own Sender into ``send_batch``)."""
+
+    name = "mqtt"
+
+    def __init__(self, cfg: Config, settings: MqttSettings) -> None:
+        self.settings = settings
+        self.output = MqttOutput(settings, host=cfg.host,
+                                 meters=[MeterInfo(s.name, s.meter, s.bus, s.address) for s in cfg.enabled_sensors()],
+                                 reading_measurements=(cfg.influxdb.measurement, cfg.influxdb.measurement_ac))
+        self.durable = settings.stream
+        self.spool_path = cfg.mqtt_spool_path() if settings.stream else None
+
+    def start(self) -> None:
+        self.output.start()
+
+    def on_reading(self, reading: Reading) -> None:
+        self.output.publish_state(reading)
+
+    def meter_state(self, sensor: str, up: bool, labels: Mapping[str, str]) -> None:
+        (self.output.meter_up if up else self.output.meter_down)(sensor)
+
+    def sink(self) -> MqttOutput | None:
+        return self.output if self.durable else None
+
+    def status(self) -> dict[str, object]:
+        return {**self.output.status(), "stream": self.durable}
+
+    def close(self) -> None:
+        self.output.close()
+
+
+def from_config(cfg: Config, ctx: OutputContext) -> Output | None:
+    if not cfg.mqtt.enabled:
+        return None
+    settings = cfg.mqtt.settings
+    if settings is None:   # a Config made without load(): validate here
+        from ..config import table_values
+
+        settings = MqttSettings.from_dict(table_values(cfg.mqtt), cfg.source,
+                                          base_dir=cfg.base_dir or None)
+    return MqttService(cfg, settings)

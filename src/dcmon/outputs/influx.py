@@ -32,10 +32,16 @@ import weakref
 from email.utils import parsedate_to_datetime
 from datetime import datetime, timezone
 
+from typing import TYPE_CHECKING
+
 import httpx
 
-from .config import InfluxConfig
-from .errors import SinkAuth, SinkError, SinkPermanent, SinkRetryable, SinkTooLarge
+from ..config import InfluxConfig
+from ..errors import SinkAuth, SinkError, SinkPermanent, SinkRetryable, SinkTooLarge
+from .base import Output, OutputContext, Sink
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 _LINE_RE = re.compile(r"line (\d+)")
 _USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s]*@")
@@ -214,3 +220,39 @@ def _retry_after(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+# ------------------------------------------------------------------------------------------- the output
+
+class InfluxOutput(Output):
+    """InfluxDB as an output: durable (the spool at ``spool.path``, drained by a Sender into InfluxSink);
+    with ``influxdb.enabled = false`` the spool is kept and not sent, as before outputs were peers. A backlog
+    delivered after an outage is downsampled by ``influx_setup.Backfill``."""
+
+    name = "influxdb"
+    durable = True
+
+    def __init__(self, cfg: Config) -> None:
+        from ..influx_setup import Backfill  # downsamples what a backlog delivered (a no-op before influx-setup)
+
+        self.cfg = cfg
+        self.spool_path = cfg.resolve(cfg.spool.path)
+        self._sink: Sink | None = None
+        if cfg.influxdb.enabled:
+            backfill = Backfill(cfg)
+            self._sink = backfill.watch(InfluxSink(cfg.influxdb))
+            self.on_backlog_sent = backfill
+
+    def sink(self) -> Sink | None:
+        return self._sink
+
+    def status(self) -> dict[str, object]:
+        return {"enabled": self.cfg.influxdb.enabled, "where": self._sink.where if self._sink else ""}
+
+    def close(self) -> None:
+        if self._sink is not None:
+            self._sink.close()
+
+
+def from_config(cfg: Config, ctx: OutputContext) -> Output | None:
+    return InfluxOutput(cfg)
