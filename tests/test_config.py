@@ -467,3 +467,50 @@ def test_no_pydantic_anywhere_at_run_time(tmp_path):
             "print(bad)")
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "config.toml")], capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+# ------------------------------------------------------------------------------------ [mqtt] and [http]
+
+def test_output_tables_have_their_outputs_defaults():
+    """[mqtt] and [http] are validated by their outputs' from_dict: the config tables' defaults are theirs."""
+    from dcmon.outputs.http import HttpSettings
+    from dcmon.outputs.mqtt import MqttSettings
+
+    assert config.table_values(config.MqttConfig()) == MqttSettings.defaults()
+    assert config.table_values(config.HttpConfig()) == HttpSettings.defaults()
+
+
+def test_mqtt_and_http_from_file_and_environment(tmp_path):
+    main = write(tmp_path, BASE + '[mqtt]\nenabled = true\nurl = "mqtt://10.0.0.2"\nstream = true\n'
+                                  '[http]\nenabled = true\n')
+    cfg = config.load(main, env={"DCMON_MQTT_QOS": "0", "DCMON_MQTT_PASSWORD": "s3cret", "DCMON_MQTT_USERNAME": "u",
+                                 "DCMON_HTTP_LISTEN": "0.0.0.0:9000"})
+    m, h = cfg.mqtt.settings, cfg.http.settings
+    assert (m.url, m.qos, m.username, m.password, m.stream) == ("mqtt://10.0.0.2:1883", 0, "u", "s3cret", True)
+    assert h.address == ("0.0.0.0", 9000)
+    assert cfg.mqtt_spool_path() == cfg.resolve(cfg.spool.path).with_name("spool-mqtt.sqlite")
+    described = "\n".join(cfg.describe())
+    assert "outputs: InfluxDB, MQTT mqtt://10.0.0.2:1883 (stream of every reading" in described
+    assert "HTTP http://0.0.0.0:9000/" in described and "s3cret" not in described
+
+
+def test_outputs_each_on_their_own(tmp_path):
+    cfg = config.load(write(tmp_path, BASE + '[influxdb]\nenabled = false\n[mqtt]\nenabled = true\n'), env={})
+    assert cfg.outputs_enabled() == ["MQTT mqtt://localhost:1883"]
+    cfg = config.load(write(tmp_path, BASE), env={})
+    assert cfg.outputs_enabled() == ["InfluxDB"] and cfg.mqtt.settings is None and cfg.http.settings is None
+
+
+@pytest.mark.parametrize("extra, env, words", [
+    ('[mqtt]\nenabled = true\nurl = "http://broker"\n', {}, "mqtt.url: 'http://broker' must start with mqtt://"),
+    ('[mqtt]\nenabled = true\nqos = 2\n', {}, "mqtt.qos: must be 0 or 1"),
+    ('[mqtt]\nenabeld = true\n', {}, "mqtt.enabeld: unknown key (did you mean 'enabled'?)"),
+    ('[mqtt]\nenabled = true\n', {"DCMON_MQTT_TIMEOUT_S": "0"}, "environment DCMON_MQTT_TIMEOUT_S: mqtt.timeout_s: must be between"),
+    ('[http]\nenabled = true\nlisten = "nowhere"\n', {}, "http.listen:"),
+    ('[http]\nusername = "a"\n', {}, "http.password_hash: is empty but http.username is set"),
+    ('[http]\npassword = "x"\n', {}, "http.password: unknown key"),
+])
+def test_output_tables_bad_values_are_one_line(tmp_path, extra, env, words):
+    with pytest.raises(ConfigError) as e:
+        config.load(write(tmp_path, BASE + extra), env=env)
+    assert words in str(e.value), str(e.value)

@@ -458,9 +458,9 @@ class Config:
             f"configuration: {' + '.join(self.origins) or self.source} (dcmon {__version__})",
             f"InfluxDB: {ix.url} (api {ix.api}), {target}" if ix.enabled else "InfluxDB: disabled (influxdb.enabled = false)",
             f"spool: {self.resolve(self.spool.path)}",
-            "outputs: " + ", ".join(self.outputs_enabled()),
             f"{len(sensors)} sensor(s) on {len(buses)} bus(es): "
             + ", ".join(f"{b} {self.buses[b].port} ({len(self.enabled_sensors(b))})" for b in buses),
+            "outputs: " + ", ".join(self.outputs_enabled()),
         ]
 
 
