@@ -206,6 +206,13 @@ def assess(data: dict, *, now: float | None = None, max_age_s: float = STATUS_MA
             why = data.get("sender_error") or "InfluxDB has not taken them"
             problems.append(f"{sp.get('depth', 0)} reading(s) wait in the spool, the oldest {backlog / 60:.0f} min "
                             f"old: {why}")
+    for name, o in (data.get("outputs") or {}).items():   # the other durable outputs' own spools (MQTT stream)
+        if name == "influxdb" or not isinstance(o, dict) or not o.get("oldest_time_ns") or not o.get("sending", True):
+            continue
+        backlog = now - float(o["oldest_time_ns"]) / 1e9
+        if backlog > max_backlog_s:
+            problems.append(f"{o.get('depth', 0)} reading(s) wait for {name} in {o.get('spool', 'its spool')}, the "
+                            f"oldest {backlog / 60:.0f} min old: {o.get('last_error') or 'not delivered'}")
     return (STATUS_WARNING if problems else STATUS_OK), problems
 
 
@@ -264,7 +271,27 @@ def cmd_status(args: argparse.Namespace) -> int:
     if sp:
         print(f"spool: {sp.get('depth', 0)} queued, {sp.get('dropped_total', 0)} dropped, {sp.get('quarantined', 0)} quarantined"
               f"{'  last error: ' + data['sender_error'] if data.get('sender_error') else ''}")
+    for name, o in (data.get("outputs") or {}).items():
+        if isinstance(o, dict):
+            print(f"output {name}: {_output_state(o)}")
     return code
+
+
+def _output_state(o: dict) -> str:
+    """One output's state and backlog, for `dcmon status`: "connected, 0 queued (spool-mqtt.sqlite)"."""
+    parts = []
+    if "connected" in o:
+        parts.append("connected" if o["connected"] else "NOT CONNECTED")
+    if o.get("url") and "connected" not in o:
+        parts.append(str(o["url"]))
+    if "depth" in o:
+        parts.append(f"{o.get('depth', 0)} queued, {int(o.get('dropped_total') or 0) + int(o.get('lost_total') or 0)} "
+                     f"dropped, {o.get('sent_points', 0)} sent" + (f" ({Path(str(o['spool'])).name})" if o.get("spool") else ""))
+    if o.get("sending") is False:
+        parts.append("not sending (disabled)")
+    if o.get("last_error"):
+        parts.append(f"last error: {o['last_error']}")
+    return ", ".join(parts) or "running"
 
 
 def _seconds(text: str) -> float:

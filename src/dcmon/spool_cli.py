@@ -144,11 +144,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     with sp:
         st = sp.stats()
         depth = sp.count()
+    others = _output_spools(args)
     if args.json:
         print(json.dumps({"path": str(sp.path), "depth": depth, "bytes": st.bytes, "file_bytes": st.file_bytes,
                           "max_bytes": sp.max_bytes, "oldest_time_ns": st.oldest_time_ns,
                           "dropped_total": st.dropped_total, "quarantined": st.quarantined,
-                          "last_error": st.last_error, "durability": sp.durability}))
+                          "last_error": st.last_error, "durability": sp.durability, "outputs": others}))
         return 0
     print(f"spool        {sp.path} ({sp.durability} durability)")
     print(f"queued       {depth} reading(s), oldest {_when(st.oldest_time_ns)}")
@@ -157,7 +158,27 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"dropped      {st.dropped_total} (the oldest go first when the spool is full)")
     print(f"quarantined  {st.quarantined}" + ("  (dcmon spool quarantine list)" if st.quarantined else ""))
     print(f"last error   {st.last_error or '-'}")
+    for name, o in others.items():
+        print(f"{name + ' spool':<12} {o['path']}: " + (f"{o['depth']} queued, oldest {_when(o['oldest_time_ns'])}, "
+              f"{o['dropped_total']} dropped" if o.get("exists") else "none yet"))
     return 0
+
+
+def _output_spools(args: argparse.Namespace) -> dict[str, dict[str, object]]:
+    """The other durable outputs' own spools (the MQTT stream's, beside spool.path), InfluxDB's being above."""
+    cfg = config_mod.load(args.config)
+    out: dict[str, dict[str, object]] = {}
+    if cfg.mqtt.enabled and cfg.mqtt.stream:
+        path = cfg.mqtt_spool_path()
+        entry: dict[str, object] = {"path": str(path), "exists": path.exists()}
+        if path.exists():
+            with Spool.open(path, max_bytes=cfg.spool.max_bytes, max_age_s=cfg.spool.max_age_days * 86400,
+                            durability=cfg.spool.durability, repair=False, create=False) as other:
+                ost = other.stats()
+                entry.update(depth=other.count(), oldest_time_ns=ost.oldest_time_ns,
+                             dropped_total=ost.dropped_total + ost.lost_total, last_error=ost.last_error)
+        out["mqtt"] = entry
+    return out
 
 
 def cmd_export(args: argparse.Namespace) -> int:
