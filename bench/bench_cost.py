@@ -21,6 +21,11 @@ sends), all four processes side by side over the same ``--seconds``:
 ``min_send_interval_s`` is not in the config file: the 5 s process sets the Sender's default before
 dcmon.cli runs.
 
+Beside them, the same two workloads with a second output, "InfluxDB + MQTT": ``[mqtt]`` on a real mosquitto
+with ``stream = true``, so every reading also goes into a second spool (spool-mqtt.sqlite) drained by a second
+sender, and each reading is also published as its meter's state. Compared with "InfluxDB alone" (the shipped
+variant above): CPU per reading, peak RSS, and disk writes per reading (what the second spool costs the SD card).
+
 Start-up: wall time of ``import dcmon.cli``, of building its command tree (every ``dcmon`` command pays it)
 and of everything ``dcmon run`` imports, each beyond ``python -c pass``, with a bytecode cache as an
 installed package has (this checkout runs with PYTHONDONTWRITEBYTECODE=1: the tree is also timed without);
@@ -50,7 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))      # servers.Influxd: the same real influxd the tests use
 
 from bench_bus import simulators  # noqa: E402  (same directory)
-from servers import Influxd  # noqa: E402
+from servers import Influxd, Mosquitto  # noqa: E402
 
 TARGET_CPU_MS, TARGET_RSS_MB, TARGET_IDLE_PCT = 1.0, 50.0, 1.0
 NO_EXIT = "; import os; os._exit(0)"     # leave without tearing the modules down: what the exit costs
@@ -190,8 +195,9 @@ database = "dcmon"
 """
 
 
-def write_config(disk: Path, name: str, paths: list[str], meters: int, interval: float, url: str) -> Path:
-    text = CONFIG.format(interval=interval, spool=disk / f"{name}.sqlite", url=url)
+def write_config(disk: Path, name: str, paths: list[str], meters: int, interval: float, url: str,
+                 extra: str = "") -> Path:
+    text = CONFIG.format(interval=interval, spool=disk / f"{name}.sqlite", url=url) + extra
     for b, path in enumerate(paths):
         text += f'\n[buses.b{b}]\nport = "{path}"\n'
         for a in range(1, meters + 1):
@@ -330,8 +336,15 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         stack.callback(influx.stop)
         influx.create_db("dcmon")
-        fast = stack.enter_context(simulators(4 * len(names), list(range(1, 9)), timing=False))
-        wired = stack.enter_context(simulators(len(names), list(range(1, 9)), timing=True, turnaround_s=0.010))
+        try:
+            broker = Mosquitto(disk / "mosquitto").start()
+        except RuntimeError as e:
+            print(f"bench: cannot start mosquitto: {str(e).splitlines()[0]}", file=sys.stderr)
+            return 1
+        stack.callback(broker.stop)
+        mqtt = f'\n[mqtt]\nenabled = true\nurl = "{broker.url}"\nstream = true\n'
+        fast = stack.enter_context(simulators(4 * len(names) + 4, list(range(1, 9)), timing=False))
+        wired = stack.enter_context(simulators(len(names) + 1, list(range(1, 9)), timing=True, turnaround_s=0.010))
         if args.quick:
             print(imports.result())
         pollers = []
@@ -341,8 +354,13 @@ def main(argv: list[str] | None = None) -> int:
         for i, v in enumerate(SEND_INTERVALS):
             cfg = write_config(disk, f"idle{i}", wired[i:i + 1], 8, 1.0, influx.url)
             pollers.append(PollerProcess(cfg, f"idle{i}", runtime, send_interval_s=v))
+        n = len(names)
+        cfg = write_config(disk, "mqcost0", fast[4 * n:4 * n + 4], 8, 0.0, influx.url, mqtt)
+        pollers.append(PollerProcess(cfg, "mqcost0", runtime, send_interval_s=0.0))
+        cfg = write_config(disk, "mqidle0", wired[n:n + 1], 8, 1.0, influx.url, mqtt)
+        pollers.append(PollerProcess(cfg, "mqidle0", runtime, send_interval_s=0.0))
         runs = measure(pollers, influx, seconds, settle_s=0.2 if args.quick else 2.0)
-        cost, idle = runs[:len(names)], runs[len(names):]
+        cost, idle, (mq_cost, mq_idle) = runs[:n], runs[n:2 * n], runs[2 * n:]
 
     width = 30
     print(f"\n{'all ' + str(len(pollers)) + ' pollers side by side, ' + format(seconds, 'g') + ' s':<46}"
@@ -373,6 +391,30 @@ def main(argv: list[str] | None = None) -> int:
           f"{d5.bytes_per_reading:,.0f} bytes a reading; at 32 meters, interval 0: CPU "
           f"{c0.cpu_ms_per_reading:.3f} → {c5.cpu_ms_per_reading:.3f} ms a reading, disk writes "
           f"{c0.bytes_per_reading:,.0f} → {c5.bytes_per_reading:,.0f} bytes a reading")
+    both = ["InfluxDB alone", "InfluxDB + MQTT (stream)"]
+    print(f"\n{'second output, min_send_interval_s = 0':<46}" + "".join(f"{n:>{width}}" for n in both))
+    for label, pair in [
+        ("32 meters, 4 buses, zero latency, interval 0", None),
+        ("  readings into influxd a second", [f"{r.readings / r.seconds:.0f}" for r in (c0, mq_cost)]),
+        ("  poller CPU a reading, ms", [f"{r.cpu_ms_per_reading:.3f}" for r in (c0, mq_cost)]),
+        ("  peak RSS, MB", [f"{r.rss_mb:.1f}" for r in (c0, mq_cost)]),
+        ("  disk writes a reading, bytes", [f"{r.bytes_per_reading:,.0f}" for r in (c0, mq_cost)]),
+        ("8 meters × 1 Hz, 9600 8N2 timing", None),
+        ("  poller CPU, % of one core", [f"{r.cpu_pct:.2f}" for r in (d0, mq_idle)]),
+        ("  poller CPU a reading, ms", [f"{r.cpu_ms_per_reading:.3f}" for r in (d0, mq_idle)]),
+        ("  peak RSS, MB", [f"{r.rss_mb:.1f}" for r in (d0, mq_idle)]),
+        ("  disk writes a reading, bytes", [f"{r.bytes_per_reading:,.0f}" for r in (d0, mq_idle)]),
+        ("exit status after SIGTERM", [f"{c0.exit_status}/{d0.exit_status}", f"{mq_cost.exit_status}/{mq_idle.exit_status}"]),
+    ]:
+        print(f"{label:<46}" + "".join(f"{c:>{width}}" for c in pair or []))
+    print(f"RATIO CPU per reading, InfluxDB + MQTT / InfluxDB alone (32 meters): "
+          f"{mq_cost.cpu_ms_per_reading / c0.cpu_ms_per_reading:.2f}×; at 8 meters × 1 Hz: "
+          f"{mq_idle.cpu_ms_per_reading / d0.cpu_ms_per_reading:.2f}×")
+    print(f"RATIO disk writes per reading, InfluxDB + MQTT / InfluxDB alone (8 meters × 1 Hz): "
+          f"{mq_idle.bytes_per_reading / d0.bytes_per_reading:.2f}× ({d0.bytes_per_reading:,.0f} → "
+          f"{mq_idle.bytes_per_reading:,.0f} bytes)")
+    print(f"RATIO peak RSS with 32 meters, InfluxDB + MQTT: {mq_cost.rss_mb:.1f} MB (target ≤ {TARGET_RSS_MB:g} MB) "
+          f"{verdict(mq_cost.rss_mb <= TARGET_RSS_MB)}")
     for name, c, d in zip(names, cost, idle):
         print(f"RATIO CPU per reading, {name} (poll, decode, spool, encode, send): {c.cpu_ms_per_reading:.3f} ms "
               f"(target ≤ {TARGET_CPU_MS:g} ms) {verdict(c.cpu_ms_per_reading <= TARGET_CPU_MS)}")
