@@ -456,7 +456,7 @@ class Poller:
         bus = self.buses.get(st.cfg.bus)
         ls = bus.line_stats(st.cfg.address) if bus is not None else None
         return {"bad_frames": ls.bad_frames if ls else 0, "resyncs": ls.resyncs if ls else 0,
-                "backoff_s": float(st.backoff_status(time.monotonic())["backoff_s"])}
+                "backoff_s": float(st.backoff_status(time.monotonic())["backoff_s"])}  # type: ignore[arg-type]
 
     def _line_status(self, st: SensorState) -> dict[str, object]:
         """Back-off and line counters of one meter, for `dcmon status`."""
