@@ -395,16 +395,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{'second output, min_send_interval_s = 0':<46}" + "".join(f"{n:>{width}}" for n in both))
     for label, pair in [
         ("32 meters, 4 buses, zero latency, interval 0", None),
-        ("  readings into influxd a second", [f"{r.readings / r.seconds:.0f}" for r in (c0, mq_cost)]),
+        ("  readings a second into influxd", [f"{r.readings / r.seconds:.0f}" for r in (c0, mq_cost)]),
         ("  poller CPU a reading, ms", [f"{r.cpu_ms_per_reading:.3f}" for r in (c0, mq_cost)]),
         ("  peak RSS, MB", [f"{r.rss_mb:.1f}" for r in (c0, mq_cost)]),
-        ("  disk writes a reading, bytes", [f"{r.bytes_per_reading:,.0f}" for r in (c0, mq_cost)]),
+        ("  disk bytes written a reading", [f"{r.bytes_per_reading:,.0f}" for r in (c0, mq_cost)]),
         ("8 meters × 1 Hz, 9600 8N2 timing", None),
         ("  poller CPU, % of one core", [f"{r.cpu_pct:.2f}" for r in (d0, mq_idle)]),
         ("  poller CPU a reading, ms", [f"{r.cpu_ms_per_reading:.3f}" for r in (d0, mq_idle)]),
         ("  peak RSS, MB", [f"{r.rss_mb:.1f}" for r in (d0, mq_idle)]),
-        ("  disk writes a reading, bytes", [f"{r.bytes_per_reading:,.0f}" for r in (d0, mq_idle)]),
-        ("exit status after SIGTERM", [f"{c0.exit_status}/{d0.exit_status}", f"{mq_cost.exit_status}/{mq_idle.exit_status}"]),
+        ("  disk bytes written a reading", [f"{r.bytes_per_reading:,.0f}" for r in (d0, mq_idle)]),
+        ("exit status after SIGTERM, both workloads", [f"{c0.exit_status}/{d0.exit_status}",
+                                                       f"{mq_cost.exit_status}/{mq_idle.exit_status}"]),
     ]:
         print(f"{label:<46}" + "".join(f"{c:>{width}}" for c in pair or []))
     print(f"RATIO CPU per reading, InfluxDB + MQTT / InfluxDB alone (32 meters): "

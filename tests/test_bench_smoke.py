@@ -102,6 +102,11 @@ def test_cost_benchmark_measured_real_readings(outputs):
     assert len(written) == 2 and all(int(n.replace(",", "")) > 0 for row in written for n in row), out
     assert re.search(r"^trade-off, min_send_interval_s 0 → 5 s at 8 meters × 1 Hz: CPU ", out, re.M), out
     assert re.search(r"^exit status after SIGTERM +0/0 +0/0$", out, re.M), out
+    # the second output beside InfluxDB alone (issue 14): readings still reach influxd, both exit cleanly
+    both = re.findall(r"^  readings a second into influxd +([\d.]+) +([\d.]+)$", out, re.M)
+    assert len(both) == 1 and all(float(n) > 0 for n in both[0]), out
+    assert re.search(r"^exit status after SIGTERM, both workloads +0/0 +0/0$", out, re.M), out
+    assert re.search(r"^RATIO disk writes per reading, InfluxDB \+ MQTT / InfluxDB alone .*: [\d.]+×", out, re.M), out
 
 
 def test_dashboard_benchmark_compares_the_same_energy(outputs):
