@@ -230,7 +230,10 @@ def battery_ah_per_day() -> str:
 def gauge(title: str, unit: str, targets: list[dict], *, fields: str = "", **kw) -> dict:
     opts = {"reduceOptions": {"calcs": ["lastNotNull"], "fields": fields, "values": False},
             "orientation": "auto", "showThresholdLabels": False, "showThresholdMarkers": True,
-            "sizing": "auto", "minVizWidth": 75, "minVizHeight": 75}
+            "sizing": "auto", "minVizWidth": 75, "minVizHeight": 75, "textMode": "auto",
+            # Grafana 12+'s gauge options at their defaults (10.4 / 11 ignore them)
+            "shape": "gauge", "barShape": "flat", "barWidthFactor": 0.5, "segmentCount": 1, "segmentSpacing": 0.3,
+            "effects": {}}
     return panel("gauge", title, unit, targets, options=opts, w=kw.pop("w", 4), h=kw.pop("h", 6), **kw)
 
 
