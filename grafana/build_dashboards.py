@@ -209,8 +209,9 @@ BAT_ALIAS = "$tag_battery ($tag_host)"
 
 def battery_latest(*fields: str) -> str:
     """The newest point's fields as they are: a field the point does not have (unknown) is null, so the
-    panel shows no data instead of an older value (last() would pick the last known one)."""
-    cols = ", ".join(f'"{f}"' for f in fields)
+    panel shows no data instead of an older value (last() would pick the last known one). ``soc_known`` is
+    in every point: with it the newest point is returned even when all the other fields are unknown."""
+    cols = ", ".join(f'"{f}"' for f in (*fields, "soc_known"))
     return f'SELECT {cols} FROM {BAT} {BAT_WHERE} GROUP BY {BAT_GROUP} ORDER BY time DESC LIMIT 1'
 
 

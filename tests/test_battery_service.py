@@ -74,7 +74,8 @@ class Rig:
         self.model = model
         (tmp / "config.toml").write_text(CFG.format(url=url, db=db, port=port, spool=tmp / "spool.sqlite") + extra)
         self.cfg = config.load(tmp / "config.toml", env={})
-        self.poller = Poller(self.cfg, put=lambda lines: None)
+        self.reading_lines: list[str] = []          # the poller's own dc_power lines
+        self.poller = Poller(self.cfg, put=self.reading_lines.extend)
         self.svc = self.service()
         self.points: list[str] = []
 
