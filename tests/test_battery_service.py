@@ -213,6 +213,16 @@ def test_only_batteries_whose_meters_were_read_get_a_point(tmp_path, no_rise_lim
     assert rig.svc.on_readings(readings) == []                                # closed: nothing more
 
 
+def test_a_battery_that_cannot_count_writes_a_short_reason():
+    from dcmon.battery import BatteryMonitor, BatterySettings
+    from dcmon.battery_service import influx_fields
+    mon = BatteryMonitor(BatterySettings.preset("van", 100, battery_cable=["shunt"]))
+    mon.update("shunt", 10**18, 1.0, {"voltage_v": 12.5, "current_a": 3.0, "power_w": 37.5, "energy_wh": 10})
+    f = influx_fields(mon.snapshot())
+    assert f["unknown_reason"] == "one meter on the battery cable (shunt)" and f["soc_known"] is False
+    assert "soc_pct" not in f and "net_current_a" not in f and f["voltage_v"] == 12.5
+
+
 def test_no_batteries_no_service(tmp_path):
     (tmp_path / "config.toml").write_text('[buses.a]\nport = "/dev/null"\n[[sensors]]\nname = "x"\nbus = "a"\naddress = 1\n')
     assert BatteryService.from_config(config.load(tmp_path / "config.toml", env={})) is None

@@ -45,8 +45,12 @@ _MAX_READING_AGE_S = 30.0
 
 
 def influx_fields(st: BatteryState) -> dict[str, FieldScalar]:
-    """The ``battery`` point's fields: unknown values left out (never written as 0); each keeps one type."""
-    return {_RENAME.get(k, k): v for k, v in st.fields().items()}
+    """The ``battery`` point's fields: unknown values left out (never written as 0); each keeps one type.
+    ``unknown_reason`` is shortened to its first sentence (a limits() text is ~500 bytes, every cycle)."""
+    out = {_RENAME.get(k, k): v for k, v in st.fields().items()}
+    if "unknown_reason" in out:
+        out["unknown_reason"] = _why(st.name, str(out["unknown_reason"]))
+    return out
 
 
 def store_path(cfg: Config) -> Path:
