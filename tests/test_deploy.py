@@ -436,8 +436,9 @@ def test_configuration_doc_lists_every_key_with_its_default():
     doc = (ROOT / "docs/configuration.md").read_text()
     sections = {m.group(1): m.start() for m in re.finditer(r"^## `\[\[?([a-z.]+)(?:\.NAME)?\]?\]`", doc, re.M)}
     tables = {"poller": c.PollerConfig, "spool": c.SpoolConfig, "influxdb": c.InfluxConfig,
-              "grafana": c.GrafanaConfig, "mqtt": c.MqttConfig, "http": c.HttpConfig, "buses": c.BusConfig, "sensors": c.SensorConfig,
-              "sensors.calibration": c.Calibration}
+              "grafana": c.GrafanaConfig, "mqtt": c.MqttConfig, "http": c.HttpConfig, "buses": c.BusConfig,
+              "sensors": c.SensorConfig, "sensors.calibration": c.Calibration,
+              "batteries": c.BatterySettings}
     missing = []
     for table, model in tables.items():
         assert table in sections, f"no '## `[{table}]`' section in docs/configuration.md"

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 from urllib.parse import urlsplit
 
 from . import __version__
+from .battery import BatterySettings, check_batteries
 from .errors import ConfigError
 from .models import MODELS, Model
 from .schema import INTERNAL, EnvText, Invalid, Loc, is_scalar, is_table, key, keys, parse, hint, rule_of
@@ -299,6 +300,7 @@ class Config:
     http: HttpConfig = key(factory=HttpConfig)
     buses: dict[str, BusConfig] = key(factory=dict)
     sensors: list[SensorConfig] = key(factory=list)
+    batteries: list[BatterySettings] = key(factory=list)  # [[batteries]]: dcmon.battery, docs/battery.md
 
     # where it came from (not part of the file format)
     source: str = field(default="", metadata=INTERNAL)
@@ -339,6 +341,7 @@ class Config:
                 raise Invalid(f"{bus.stopbits} does not match the meters on this bus ({stop.pop()})",
                               "remove stopbits to use the meters' own framing", loc=("buses", name, "stopbits"))
             self._check_timing(name, bus, [s.meter for s in on_bus] or list(MODELS.values()))
+        check_batteries(self.batteries, [s.name for s in self.sensors])
 
     def _check_timing(self, name: str, b: BusConfig, models: list[Model]) -> None:
         """What a real RS485 line needs at this baud rate: Modbus RTU's 3.5-character silence between frames
