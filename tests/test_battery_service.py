@@ -298,3 +298,43 @@ def test_a_real_status_record_formats(tmp_path, no_rise_limit):
     (head, detail) = status_lines(record["batteries"])
     assert head.startswith("battery house: SoC unknown (not synchronised yet), discharging -0.50 A 1")
     assert detail.startswith("  Ah consumed unknown, never fully charged since set-up, 0 synchronisation(s)")
+
+
+def test_the_running_service_feeds_the_batteries(tmp_path, capsys):
+    """`dcmon run` itself (not a test rig): with [[batteries]] configured, each cycle's spooled lines carry a
+    `battery` point, the state is stored beside the spool, and `dcmon status` shows the battery."""
+    from dcmon.cli import main
+    from dcmon.spool import Spool
+
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f"""
+[influxdb]
+enabled = false
+[spool]
+path = "{tmp_path}/spool.sqlite"
+[buses.house]
+port = "/dev/null"
+[[sensors]]
+name = "solar"
+bus = "house"
+address = 1
+[[sensors]]
+name = "loads"
+bus = "house"
+address = 2
+[[batteries]]
+name = "house"
+capacity_ah = 100
+nominal_v = 12
+chemistry = "lead-acid"
+charge = ["solar"]
+discharge = ["loads"]
+""")
+    assert main(["run", "--once", "--simulate", "--no-print", "--config", str(cfg)]) == 0
+    with Spool.open(tmp_path / "spool.sqlite", max_bytes=2**24, max_age_s=86400) as spool:
+        lines = [line for _, line in spool.peek(100)]
+    battery = [line for line in lines if line.startswith("battery,")]
+    assert len(battery) == 1, lines
+    assert "battery=house" in battery[0] and "soc_known=false" in battery[0], battery[0]
+    assert (tmp_path / "battery.sqlite").exists()
+    capsys.readouterr()

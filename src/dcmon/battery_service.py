@@ -47,10 +47,22 @@ _MAX_READING_AGE_S = 30.0
 def influx_fields(st: BatteryState) -> dict[str, FieldScalar]:
     """The ``battery`` point's fields: unknown values left out (never written as 0); each keeps one type.
     ``unknown_reason`` is shortened to its first sentence (a limits() text is ~500 bytes, every cycle)."""
-    out = {_RENAME.get(k, k): v for k, v in st.fields().items()}
+    out = {_RENAME.get(k, k): _round(k, v) for k, v in st.fields().items()}
     if "unknown_reason" in out:
         out["unknown_reason"] = _why(st.name, str(out["unknown_reason"]))
     return out
+
+
+# Decimals a battery field is written with: finer than any meter resolves (0.01 V, 0.001 A), not float noise
+_DECIMALS = {"_v": 3, "_a": 4, "_w": 3, "_ah": 5, "_kwh": 7, "_pct": 3, "_s": 1, "cycles": 5}
+
+
+def _round(name: str, value: FieldScalar) -> FieldScalar:
+    if isinstance(value, float):
+        for suffix, places in _DECIMALS.items():
+            if name.endswith(suffix):
+                return round(value, places)
+    return value
 
 
 def store_path(cfg: Config) -> Path:
@@ -60,6 +72,8 @@ def store_path(cfg: Config) -> Path:
 
 class BatteryService:
     """Every configured battery's monitor, its durable state and its output (see the module docstring)."""
+
+    name = "batteries"   # its key in status.json (a dcmon.service.ReadingConsumer)
 
     def __init__(self, batteries: Iterable[BatterySettings], path: Path, host: str, *,
                  save_interval_s: float = SAVE_INTERVAL_S, mono: Callable[[], float] = time.monotonic,

@@ -179,9 +179,14 @@ class Service:
         self._complaints: dict[tuple[str, str], str] = {}
         self._complaints_lock = threading.Lock()
         # Reading consumers: each cycle's readings in, extra lines (spooled with the cycle) out, a status dict
-        # under its name in status.json, closed at the end. Add one here, e.g.
-        #     self.consumers.append(BatteryService(cfg, ...))
+        # under its name in status.json, closed at the end. Add one here.
         self.consumers: list[ReadingConsumer] = []
+        if cfg.batteries:
+            from .battery_service import BatteryService   # only when [[batteries]] is configured
+
+            battery = BatteryService.from_config(cfg)
+            if battery is not None:
+                self.consumers.append(battery)
         self.outputs: list[Output] = []
         self.lanes: list[Lane] = []
         try:

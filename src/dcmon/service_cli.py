@@ -274,6 +274,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     for name, o in (data.get("outputs") or {}).items():
         if isinstance(o, dict):
             print(f"output {name}: {_output_state(o)}")
+    if data.get("batteries"):
+        from .battery_service import status_lines
+
+        for line in status_lines(data["batteries"]):
+            print(line)
     return code
 
 
