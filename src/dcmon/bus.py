@@ -395,9 +395,9 @@ class Bus:
                         lambda: self._client.read_input_registers(start, count=count, device_id=address), tries)
         return self._registers(rr, address, count)
 
-    def read_holding_registers(self, address: int, start: int, count: int) -> list[int]:
+    def read_holding_registers(self, address: int, start: int, count: int, *, tries: int | None = None) -> list[int]:
         rr = self._call(address, f"read {count} holding registers at 0x{start:04X}",
-                        lambda: self._client.read_holding_registers(start, count=count, device_id=address))
+                        lambda: self._client.read_holding_registers(start, count=count, device_id=address), tries)
         return self._registers(rr, address, count)
 
     def write_register(self, address: int, register: int, value: int) -> None:

@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 
 from . import __version__
 from .errors import ConfigError
-from .models import MODELS, Model
+from .models import MODELS, Model, shunt_amps
 from .schema import INTERNAL, EnvText, Invalid, Loc, is_scalar, is_table, key, keys, parse, hint
 
 if TYPE_CHECKING:
@@ -105,6 +105,13 @@ def _known_model(v: str) -> str:
     return v
 
 
+def _known_shunt(v: int) -> int:
+    amps = shunt_amps()   # from the models' shunt codes (PZEM-017: 50, 100, 200, 300)
+    if v not in amps:
+        raise Invalid(f"must be one of {', '.join(str(a) for a in amps)}")
+    return v
+
+
 RESERVED_TAGS = ("sensor", "model", "address", "bus", "host")
 
 
@@ -159,7 +166,7 @@ class SensorConfig:
     bus: str = key(min_len=1)
     address: int = key(ge=1, le=247, fix="Modbus addresses are 1 to 247")
     model: str = key("pzem017", check=_known_model)
-    shunt_a: Literal[50, 100, 200, 300] | None = None  # PZEM-017 only; None = leave the meter as it is
+    shunt_a: int | None = key(None, check=_known_shunt)  # a model with shunt codes; None = leave the meter as it is
     tags: dict[str, str] = key(factory=dict, check=_tags)
     calibration: Calibration = key(factory=Calibration)
     enabled: bool = True
@@ -286,6 +293,9 @@ class Config:
             used.add((s.bus, s.address))
             if s.shunt_a is not None and not s.meter.shunt_codes:
                 raise Invalid(f"{s.meter.title} has no shunt setting", "remove shunt_a for this sensor", loc=("sensors", i, "shunt_a"))
+            if s.shunt_a is not None and s.shunt_a not in s.meter.shunt_codes:
+                raise Invalid(f"the {s.meter.title} has shunt codes for {', '.join(map(str, s.meter.shunt_amps_set))} A only",
+                              "use one of those", loc=("sensors", i, "shunt_a"))
         for name, bus in self.buses.items():
             on_bus = [s for s in self.sensors if s.bus == name]
             stop = {s.meter.serial.stopbits for s in on_bus}

@@ -26,16 +26,12 @@ from typing import Any
 import httpx
 
 from .config import Config, load
-from .errors import ConfigError, DcmonError
+from .errors import ConfigError, DcmonError, GrafanaError
 from .helptext import Formatter
 
 
 DS_UID = "dcmon-influxdb"        # grafana/provisioning/datasources/dcmon.yaml pins the same uid
 DS_NAME = "dcmon InfluxDB"
-
-
-class GrafanaError(DcmonError):
-    """Grafana could not be reached, or refused a request."""
 
 
 def dashboard_dirs() -> list[Path]:

@@ -45,7 +45,7 @@ from pathlib import Path
 import httpx
 
 from .config import Config, InfluxConfig, load
-from .errors import ConfigError, DcmonError, SinkError
+from .errors import ConfigError, DcmonError, SetupError, SinkError
 from .influx import InfluxSink
 
 log = logging.getLogger(__name__)
@@ -60,10 +60,6 @@ MINUTE_NS, HOUR_NS, DAY_NS = 60 * 10**9, 3600 * 10**9, 86400 * 10**9
 CHUNK_NS = 7 * DAY_NS
 OVERLAP_NS = 7 * DAY_NS           # downsampling by hand: a step across a gap up to this long at a chunk's start
 CQ_PREFIX = "dcmon_"
-
-
-class SetupError(DcmonError):
-    """InfluxDB could not be reached, or refused a statement."""
 
 
 def q(name: str) -> str:

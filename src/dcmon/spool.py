@@ -62,7 +62,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import DcmonError
+from .errors import DcmonError, SpoolError
 
 if TYPE_CHECKING:
     from .clock import Clock
@@ -91,10 +91,6 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 """
 # Added after schema 1 (created on open when missing: no migration needed, older versions ignore it)
 _HELD = "CREATE TABLE IF NOT EXISTS held (id INTEGER PRIMARY KEY, mono_ns INTEGER NOT NULL, boot TEXT NOT NULL, line TEXT NOT NULL)"
-
-
-class SpoolError(DcmonError):
-    """The spool file cannot be used at all (directory not writable, not a spool file)."""
 
 
 @dataclass(frozen=True, slots=True)

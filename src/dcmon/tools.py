@@ -24,23 +24,14 @@ from . import config as config_mod
 from .bus import GENERAL_ADDRESS, Bus, BusSettings
 from .calibration import apply_calibration
 from .config import Config, SensorConfig
-from .errors import BusError, ConfigError, DcmonError, DeviceError, NoResponse
-from .meter import SHUNT_REGISTER, read_shunt, read_values, set_shunt, write_setting
-from .models import MODELS, PZEM016, PZEM017, FieldValue, Model, decimals, decode
+from .errors import BusError, ConfigError, DcmonError, DeviceError, MultipleMeters, NoResponse, UsageError
+from .meter import read_block, read_shunt, read_shunt_code, read_values, set_shunt, write_setting
+from .models import ADDRESS, MODELS, PZEM017, Family, FieldValue, Model, decimals, decode, families, shunt_amps
 from .helptext import Formatter
 
-ADDRESS_SETTING = 0x0002  # the address holding register, the same on every PZEM model
 SCAN_TIMEOUT_S = 0.1
 GARBLED = "garbled reply: two meters at this address? connect one at a time"
 EXIT_INTERRUPTED = 130
-
-
-class UsageError(DcmonError):
-    """The command line does not say enough (or says contradictory things): exit status 2."""
-
-
-class MultipleMeters(BusError):
-    """More than one meter answers where exactly one must (the general address)."""
 
 
 # ------------------------------------------------------------------------------------ the target
@@ -274,48 +265,64 @@ class ScanResult:
     interrupted_at: int | None = None
 
 
-def probe(bus: Bus, address: int) -> Found | None:
-    """Does a meter answer at ``address``, and which kind is it?
+def probe(bus: Bus, address: int, fams: list[Family] | None = None) -> Found | None:
+    """Does a meter answer at ``address``, and which model is it?
 
-    The model guess rests on the input block's size: a DC meter (PZEM-003/017) refuses a 10-register read
-    with exception 02 and answers 8; an AC meter (PZEM-004T/014/016) answers 10. A DC meter with a
-    current-range register (0x0003) is a PZEM-017, without one a PZEM-003."""
-    try:
-        words = bus.read_input_registers(address, 0, 10)
-    except NoResponse:
-        return None
-    except DeviceError as e:
-        if e.code != 2:
-            return Found(address, "unknown", note=f"answered with exception {e.code}")
-        return _probe_dc(bus, address)
-    except BusError:
-        return Found(address, "?", note=GARBLED)
-    vals = decode(PZEM016, words)
-    return Found(address, "PZEM-004T/014/016 (AC)", voltage_v=float(vals["voltage_v"]), current_a=float(vals["current_a"]))
+    The guess rests on each model's probe signature (``models.families``): its input block. A meter refuses
+    a longer read than its own block with exception 02, so the largest block is asked for first (PZEM AC:
+    10 registers, DC: 8): an AC meter (PZEM-004T/014/016) answers 10, a DC one refuses and answers 8. In a
+    family, a model with a shunt register (PZEM-017) is told from one without (PZEM-003) by reading it."""
+    fams = families() if fams is None else fams
+    for n, fam in enumerate(fams):
+        first, last = n == 0, n == len(fams) - 1
+        try:
+            words = read_block(bus, fam.models[0], address)
+        except NoResponse:
+            if first:
+                return None
+            found = Found(address, fam.label, note="values unreadable (no answer)")
+        except DeviceError as e:
+            if e.code == 2 and not last:
+                continue
+            if first:
+                return Found(address, "unknown", note=f"answered with exception {e.code}")
+            found = Found(address, fam.label, note=f"values refused (exception {e.code})")
+        except BusError:
+            if first:
+                return Found(address, "?", note=GARBLED)
+            found = Found(address, fam.label, note=GARBLED)
+        else:
+            vals = decode(fam.models[0], words)
+            found = Found(address, fam.label, voltage_v=_float(vals.get("voltage_v")),
+                          current_a=_float(vals.get("current_a")))
+        _identify(bus, address, fam, found)
+        return found
+    return None
 
 
-def _probe_dc(bus: Bus, address: int) -> Found:
-    found = Found(address, "PZEM-003/017 (DC)")
+def _float(v: FieldValue | None) -> float | None:
+    return None if v is None else float(v)
+
+
+def _identify(bus: Bus, address: int, fam: Family, found: Found) -> None:
+    """Within a family: a model with a shunt register answers a read of it, one without refuses (02)."""
+    shunted = [m for m in fam.models if m.shunt_setting is not None]
+    plain = [m for m in fam.models if m.shunt_setting is None]
+    if len(fam.models) == 1 and not shunted:
+        found.model = fam.models[0].title
+        return
+    if not shunted:
+        return
     try:
-        vals = read_values(bus, PZEM017, address)
-        found.voltage_v, found.current_a = float(vals["voltage_v"]), float(vals["current_a"])
-    except NoResponse:
-        found.note = "values unreadable (no answer)"
-    except DeviceError as e:
-        found.note = f"values refused (exception {e.code})"
-    except BusError:
-        found.note = GARBLED
-    try:
-        found.shunt_a = read_shunt(bus, PZEM017, address)
-        found.model = "PZEM-017"
+        found.shunt_a = read_shunt(bus, shunted[0], address)
+        found.model = shunted[0].title
         if found.shunt_a is None:
             found.note = "unknown shunt code"
     except DeviceError as e:
-        if e.code == 2:
-            found.model = "PZEM-003"  # no current-range register: internal 10 A shunt
+        if e.code == 2 and len(plain) == 1:
+            found.model = plain[0].title  # no current-range register (PZEM-003: internal 10 A shunt)
     except BusError:
         pass
-    return found
 
 
 def scan(bus: Bus, addresses: Iterable[int], *, progress: Progress | None = None,
@@ -397,7 +404,7 @@ def only_meter_address(bus: Bus, model: Model, rounds: int = 3) -> int:
         f"give the meter's current address with --from M", bus=bus.name)
     for _ in range(rounds):
         try:
-            seen.add(bus.read_holding_registers(GENERAL_ADDRESS, ADDRESS_SETTING, 1)[0])
+            seen.add(bus.read_holding_registers(GENERAL_ADDRESS, _address_register(model), 1)[0])
         except NoResponse:
             raise NoResponse(f"bus {bus.name!r}: no meter answers the general address 0xF8 (check A/B wiring, the "
                              f"meter's 5 V RS485 supply and the framing {bus.settings.framing})", bus=bus.name) from None
@@ -418,9 +425,16 @@ def only_meter_address(bus: Bus, model: Model, rounds: int = 3) -> int:
     return seen.pop()
 
 
-def _answers(bus: Bus, address: int) -> bool:
+def _address_register(model: Model) -> int:
+    s = model.address_setting
+    if s is None:
+        raise UsageError(f"{model.title} has no address register: set its address on the meter itself")
+    return s.address
+
+
+def _answers(bus: Bus, model: Model, address: int) -> bool:
     try:
-        bus.read_holding_registers(address, ADDRESS_SETTING, 1)
+        bus.read_holding_registers(address, _address_register(model), 1)
         return True
     except NoResponse:
         return False
@@ -433,9 +447,9 @@ def write_address(bus: Bus, model: Model, via: int, old: int, new: int) -> None:
     A meter that echoes the write but keeps its old address stays silent at the new one: say that, not
     just "no answer"."""
     try:
-        write_setting(bus, model, via, "address", new)
+        write_setting(bus, model, via, ADDRESS, new)
     except NoResponse:
-        if _answers(bus, old):
+        if _answers(bus, model, old):
             raise DeviceError(f"bus {bus.name!r}: wrote address {new} to the meter at address {old}, but it still "
                               f"answers at {old} and not at {new}; the meter did not accept it (write-protected "
                               f"or faulty? power-cycle it and try again)", bus=bus.name, address=old) from None
@@ -471,11 +485,11 @@ def cmd_set_address(args: argparse.Namespace) -> int:
     with Bus(t.settings) as bus:
         if args.from_address is not None:
             try:
-                bus.read_holding_registers(old, ADDRESS_SETTING, 1)
+                bus.read_holding_registers(old, _address_register(t.model), 1)
             except NoResponse:
                 raise NoResponse(f"bus {bus.name!r}: no meter answers at address {old} (dcmon scan lists the "
                                  f"addresses that answer)", bus=bus.name, address=old) from None
-            if new != old and _answers(bus, new):
+            if new != old and _answers(bus, t.model, new):
                 raise DeviceError(f"bus {bus.name!r}: address {new} is already taken by another meter; pick a free "
                                   f"one (dcmon scan lists them)", bus=bus.name, address=new)
         if new == old:
@@ -501,8 +515,10 @@ def cmd_shunt_get(args: argparse.Namespace) -> int:
     with Bus(t.settings) as bus:
         amps = read_shunt(bus, t.model, t.address)
         if amps is None:
-            code = bus.read_holding_registers(t.address, SHUNT_REGISTER, 1)[0]
-            say(f"{t.where()}: unknown shunt code {code} (expected 0-3); set it with dcmon shunt set --amps A")
+            code = read_shunt_code(bus, t.model, t.address)
+            known = sorted(t.model.shunt_codes.values())
+            say(f"{t.where()}: unknown shunt code {code} (expected {known[0]}-{known[-1]}); set it with "
+                f"dcmon shunt set --amps A")
             return 1
     say(f"{t.where()}: shunt code {amps} A (75 mV shunt rated {amps} A)")
     _config_shunt_note(t, amps)
@@ -731,7 +747,7 @@ def add_commands(subparsers: Any, common: argparse.ArgumentParser) -> None:
                                   "confirm. " + stop_first,
                       epilog=_examples("dcmon shunt set --sensor battery --amps 200",
                                        "dcmon shunt set --port /dev/ttyUSB0 --address 1 --amps 100"))
-    q.add_argument("--amps", type=int, required=True, choices=(50, 100, 200, 300),
+    q.add_argument("--amps", type=int, required=True, choices=shunt_amps(),
                    help="the rating of the 75 mV shunt wired to the meter")
     q.set_defaults(func=_handler(cmd_shunt_set))
 
