@@ -25,7 +25,8 @@ def test_common_options_before_the_command_are_skipped():
 
 def test_a_command_does_not_import_the_others():
     code = ("import sys; from dcmon import cli; cli.build_parser(['spool']); "
-            "print(' '.join(m for m in ('dcmon.tools', 'dcmon.grafana', 'dcmon.poller') if m in sys.modules))")
+            "print(' '.join(m for m in ('dcmon.tools.target', 'dcmon.tools.scan', 'dcmon.tools.grafana', 'dcmon.bus', "
+            "'dcmon.poller', 'pymodbus', 'httpx') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == ""

@@ -29,7 +29,7 @@ import tomlkit
 from tomlkit.exceptions import TOMLKitError
 
 from .config import Calibration, local_path_for
-from .errors import CalibrationError, ConfigError, DcmonError
+from .errors import CalibrationError, ConfigError
 from .models import Model, decimals, shunt_amps
 
 SPEC_PERCENT = 1.0  # PZEM-003/017 (and the AC models): specified accuracy of 1 %

@@ -19,9 +19,11 @@ from .errors import ConfigError, DcmonError
 # stack owns its own commands.
 COMMAND_MODULES = (
     "dcmon.poller",     # run, simulate, check-config, status
-    "dcmon.tools",      # scan, set-address, shunt, reset-energy, read, watch, calibrate, check-accuracy
-    "dcmon.spool_cli",  # spool (depth, export, quarantine)
-    "dcmon.grafana",    # grafana-import
+    "dcmon.tools.scan",       # scan, set-address
+    "dcmon.tools.meter",      # shunt, reset-energy, read, watch
+    "dcmon.tools.calibrate",  # calibrate, check-accuracy
+    "dcmon.tools.spool",      # spool (depth, export, quarantine)
+    "dcmon.tools.grafana",    # grafana-import
     "dcmon.influx_setup",  # influx-setup
     "dcmon.outputs.http",  # http-password
 )
@@ -31,10 +33,11 @@ COMMAND_MODULES = (
 # and unknown commands build the whole tree. tests/test_cli.py checks this table against the modules.
 COMMAND_OWNERS = {
     **dict.fromkeys(("run", "check-config", "simulate", "status"), "dcmon.poller"),
-    **dict.fromkeys(("scan", "set-address", "shunt", "reset-energy", "read", "watch", "calibrate",
-                     "check-accuracy"), "dcmon.tools"),
-    "spool": "dcmon.spool_cli",
-    "grafana-import": "dcmon.grafana",
+    **dict.fromkeys(("scan", "set-address"), "dcmon.tools.scan"),
+    **dict.fromkeys(("shunt", "reset-energy", "read", "watch"), "dcmon.tools.meter"),
+    **dict.fromkeys(("calibrate", "check-accuracy"), "dcmon.tools.calibrate"),
+    "spool": "dcmon.tools.spool",
+    "grafana-import": "dcmon.tools.grafana",
     "influx-setup": "dcmon.influx_setup",
     "http-password": "dcmon.outputs.http",
 }

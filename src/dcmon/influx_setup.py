@@ -45,7 +45,7 @@ from pathlib import Path
 import httpx
 
 from .config import Config, InfluxConfig, load
-from .errors import ConfigError, DcmonError, SetupError, SinkError
+from .errors import ConfigError, SetupError, SinkError
 from .influx import InfluxSink
 
 log = logging.getLogger(__name__)

@@ -62,7 +62,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import DcmonError, SpoolError
+from .errors import SpoolError
 
 if TYPE_CHECKING:
     from .clock import Clock

@@ -15,10 +15,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from . import config as config_mod
-from .errors import DcmonError
-from .spool import Spool, SpoolError
-from .helptext import Formatter
+from .. import config as config_mod
+from ..errors import DcmonError
+from ..spool import Spool, SpoolError
+from ..helptext import Formatter
 
 
 def _ex(*lines: str) -> str:

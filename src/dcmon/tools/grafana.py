@@ -25,9 +25,9 @@ from typing import Any
 
 import httpx
 
-from .config import Config, load
-from .errors import ConfigError, DcmonError, GrafanaError
-from .helptext import Formatter
+from ..config import Config, load
+from ..errors import ConfigError, GrafanaError
+from ..helptext import Formatter
 
 
 DS_UID = "dcmon-influxdb"        # grafana/provisioning/datasources/dcmon.yaml pins the same uid
