@@ -38,8 +38,8 @@ from .errors import BusError, DeviceError, NoResponse, PortNotFound
 
 log = logging.getLogger(__name__)
 
-# pymodbus logs its own view of every timeout at ERROR; we report each failure once, ourselves.
-logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+# pymodbus logs its own view of every timeout at ERROR; we report each failure once, ourselves: the command
+# line quiets it above debug (dcmon.cli.quiet_libraries), not this module at import.
 
 BROADCAST = 0x00
 GENERAL_ADDRESS = 0xF8  # any single PZEM answers it: only safe with one meter on the bus

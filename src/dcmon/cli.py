@@ -129,9 +129,18 @@ def setup_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper()))
-    # httpx logs every request at INFO: one journal line per InfluxDB write would drown what matters.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    logging.getLogger("httpcore").setLevel(logging.WARNING)
+    quiet_libraries(level)
+
+
+# Other libraries' loggers, quieted unless the user asks for debug: httpx logs every request at INFO (one
+# journal line per InfluxDB write would drown what matters); pymodbus logs its own view of every timeout at
+# ERROR, and we report each failure once, ourselves. With --log-level debug they say everything.
+QUIETED = {"httpx": logging.WARNING, "httpcore": logging.WARNING, "pymodbus": logging.CRITICAL}
+
+
+def quiet_libraries(level: str) -> None:
+    for name, quiet in QUIETED.items():
+        logging.getLogger(name).setLevel(logging.NOTSET if level.lower() == "debug" else quiet)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,13 +56,15 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from .errors import SpoolError
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from .clock import Clock
@@ -276,7 +278,7 @@ class Spool:
         log.warning("spool %s was unusable (%s): moved it to %s and started an empty spool "
                     "(to salvage readings from it: sqlite3 %s .recover)", p, why, dest, dest)
 
-    def _call(self, fn):  # type: ignore[no-untyped-def]
+    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run fn(db) under the lock; on corruption, move the file aside, reopen and run fn once more."""
         with self._lock:
             if self._db is None:
