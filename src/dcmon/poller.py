@@ -187,18 +187,23 @@ def is_plausible(model: Model, v: dict[str, FieldValue], state: SensorState | No
                  now: float | None = None) -> str:
     """Empty string if the values are possible for this model, else the reason. With ``state`` (and ``now``,
     monotonic) the energy counter is also checked against the last accepted reading (SensorState.check_counter);
-    without, only against the register's maximum."""
-    volt, amp, watt = float(v["voltage_v"]), float(v["current_a"]), float(v["power_w"])
-    if volt > model.max_voltage_v * 1.2 or amp > model.max_current_a * 1.2:
-        return f"{volt:g} V / {amp:g} A is outside the {model.title}'s range"
-    pf = float(v.get("power_factor", 1.0)) or 1.0
-    expected = volt * amp * (pf if model.kind == "ac" else 1.0)
-    if abs(watt - expected) > 0.10 * expected + 2.0 + 0.02 * (volt + amp):
-        return f"power {watt:g} W does not match V × I = {expected:.1f} W"
+    without, only against the register's maximum. A check whose fields the model lacks (a user-defined
+    table without power, or without a maximum) is skipped."""
+    if "voltage_v" in v and "current_a" in v:
+        volt, amp = float(v["voltage_v"]), float(v["current_a"])
+        if model.max_voltage_v and model.max_current_a and (volt > model.max_voltage_v * 1.2
+                                                            or amp > model.max_current_a * 1.2):
+            return f"{volt:g} V / {amp:g} A is outside the {model.title}'s range"
+        if "power_w" in v:
+            watt = float(v["power_w"])
+            pf = float(v.get("power_factor", 1.0)) or 1.0   # a DC meter has none: 1
+            expected = volt * amp * pf
+            if abs(watt - expected) > 0.10 * expected + 2.0 + 0.02 * (volt + amp):
+                return f"power {watt:g} W does not match V × I = {expected:.1f} W"
     if "energy_wh" not in v:
         return ""
     energy = float(v["energy_wh"])
-    if state is not None:
+    if state is not None and model.max_voltage_v and model.max_current_a:
         return state.check_counter(model, energy, time.monotonic() if now is None else now)
     top = counter_max(model)
     if top is not None and energy >= top:
@@ -318,11 +323,13 @@ class Poller:
             log.warning("%s: implausible reading discarded: %s", who, why)
             return None
         values = apply_calibration(values, s.calibration, s.meter)
-        energy = float(values["energy_wh"])
-        reset = st.last_energy is not None and energy < st.last_energy
-        if reset:
-            log.info("%s: energy counter went from %g to %g Wh: counted as a reset", who, st.last_energy, energy)
-        st.last_energy = energy
+        reset = False
+        if "energy_wh" in values:   # a user-defined table may have no energy counter
+            energy = float(values["energy_wh"])
+            reset = st.last_energy is not None and energy < st.last_energy
+            if reset:
+                log.info("%s: energy counter went from %g to %g Wh: counted as a reset", who, st.last_energy, energy)
+            st.last_energy = energy
         st.last_values, st.last_time_ns = values, now_ns
         return self.make_reading(s, values, now_ns, energy_reset=reset)
 
@@ -342,7 +349,7 @@ class Poller:
         if got is None:
             tags = {"sensor": s.name, "model": s.model, "address": str(s.address), "bus": s.bus, "host": self.host, **s.tags}
             ix = self.cfg.influxdb
-            measurement = ix.measurement if s.meter.kind == "dc" else ix.measurement_ac
+            measurement = s.meter.measurement or (ix.measurement if s.meter.kind == "dc" else ix.measurement_ac)
             got = self._heads[s.name] = (measurement, tags, encode_head(measurement, tags))
         return got
 
@@ -578,7 +585,7 @@ def simulated_meters(sensors: list[SensorConfig], *, steady: bool = False, shunt
     the matching shunt code, unless ``shunt_code`` says which code it has instead (an uncommissioned meter)."""
     from .simulator import meters_for
 
-    meters = meters_for([(s.model, s.address) for s in sensors], steady=steady)
+    meters = meters_for([(s.meter, s.address) for s in sensors], steady=steady)
     for m, s in zip(meters, sensors):
         if m.model.shunt_codes:
             if s.shunt_a:

@@ -157,7 +157,7 @@ class SimMeter:
             i = true_i * range_a / self.true_shunt_a
         i = min(i, self.model.max_current_a)
         v = min(max(v, 0.0), self.model.max_voltage_v)
-        res_v = self.model.inputs[0].scale
+        res_v = _resolution(self.model, "voltage_v")
         v = round(v / res_v) * res_v
         res_i = _resolution(self.model, "current_a")
         i = round(i / res_i) * res_i
@@ -248,7 +248,7 @@ class Drive:
             i = i * range_a / meter.true_shunt_a
         i = min(max(i, 0.0), model.max_current_a)
         v = min(max(v, 0.0), model.max_voltage_v)
-        res_v = model.inputs[0].scale
+        res_v = _resolution(model, "voltage_v")
         res_i = _resolution(model, "current_a")
         v, i = round(v / res_v) * res_v, round(i / res_i) * res_i
         vals: dict[str, float | bool] = {"voltage_v": v, "current_a": i, "power_w": v * i,
@@ -259,7 +259,7 @@ class Drive:
 
 def _resolution(model: Model, name: str) -> float:
     reg = model.register(name)
-    return reg.scale if reg else 0.01
+    return reg.step if reg else 0.01
 
 
 def request_length(buf: bytes) -> int | None:
@@ -442,11 +442,11 @@ class Simulator:
             pass
 
 
-def meters_for(sensors: list[tuple[str, int]], **kw: object) -> list[SimMeter]:
-    """SimMeters for (model name, address) pairs, with varied base values so that each looks different."""
+def meters_for(sensors: list[tuple[str | Model, int]], **kw: object) -> list[SimMeter]:
+    """SimMeters for (model or model name, address) pairs, with varied base values so that each looks different."""
     out = []
     for i, (model, address) in enumerate(sensors):
-        m = MODELS[model]
+        m = MODELS[model] if isinstance(model, str) else model
         base_v = m.sim.voltage_v
         base_i = m.sim.current_a + m.sim.current_step_a * i
         if m.max_current_a and base_i > m.max_current_a / 2:
