@@ -23,7 +23,7 @@ import time
 from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import tomlkit
 from tomlkit.exceptions import TOMLKitError
@@ -158,7 +158,7 @@ def apply_calibration(values: Mapping[str, Any], cal: Calibration, model: Model 
     return out
 
 
-def _number(x: object) -> bool:
+def _number(x: object) -> TypeGuard[float]:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 

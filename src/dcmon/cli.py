@@ -11,6 +11,7 @@ import importlib
 import logging
 import os
 import sys
+from collections.abc import Mapping
 
 from . import __version__
 from .errors import ConfigError, DcmonError
@@ -52,11 +53,11 @@ CONFIG_HELP = ("configuration file (default: $DCMON_CONFIG, else /etc/dcmon/conf
                "else ./config.toml)")
 
 
-def default_config(env: dict[str, str] | None = None) -> str:
+def default_config(env: Mapping[str, str] | None = None) -> str:
     """The configuration file to use when no --config is given (the order above). Never raises."""
-    env = os.environ if env is None else env
-    if env.get("DCMON_CONFIG"):
-        return env["DCMON_CONFIG"]
+    environ: Mapping[str, str] = os.environ if env is None else env
+    if environ.get("DCMON_CONFIG"):
+        return environ["DCMON_CONFIG"]
     try:
         os.stat(INSTALLED_CONFIG)
         return INSTALLED_CONFIG

@@ -503,7 +503,7 @@ class Config:
             except FileNotFoundError:
                 folder = folder.parent
             except (NotADirectoryError, PermissionError) as e:
-                fail(f"{folder}: {e.strerror.lower()} for user {user}")
+                fail(f"{folder}: {(e.strerror or str(e)).lower()} for user {user}")
         if not stat.S_ISDIR(st.st_mode):
             fail(f"{folder} is a file, not a folder", "fix spool.path")
         if not os.access(folder, os.W_OK | os.X_OK):

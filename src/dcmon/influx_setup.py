@@ -39,6 +39,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -212,7 +213,7 @@ def _rp_line(name: str, days: float, rp: dict | None) -> str | None:
 
 def _duration_ns(text: str) -> int:
     """InfluxDB's SHOW RETENTION POLICIES duration, e.g. '2160h0m0s'; '0s' = forever."""
-    total, num = 0, ""
+    total, num = 0.0, ""
     units = {"h": 3600, "m": 60, "s": 1}
     for ch in text:
         if ch.isdigit() or ch == ".":
@@ -223,7 +224,7 @@ def _duration_ns(text: str) -> int:
     return int(total)
 
 
-def setup(cfg: Config, api: Influx, *, say=print) -> Plan:
+def setup(cfg: Config, api: Influx, *, say: Callable[[str], None] = print) -> Plan:
     """Make everything; return the plan. Each change is said in one line; nothing to do says so."""
     ix = cfg.influxdb
     db = q(ix.database)
@@ -420,6 +421,9 @@ class _WatchedSink:
             self._backfill._seen(False, "")
             raise
         self._backfill._seen(True, lines[0] if lines else "")
+
+    def ping(self) -> bool:
+        return self._sink.ping()
 
     def close(self) -> None:
         self._sink.close()

@@ -133,7 +133,7 @@ class SensorState:
         self.next_try = now + self.backoff_s
         return started
 
-    def backoff_status(self, now: float) -> dict[str, object]:
+    def backoff_status(self, now: float) -> dict[str, float]:
         """The back-off as `dcmon status` shows it."""
         backing_off = bool(self.backoff_s) and not self._answered_since_failure()
         return {"fails_in_row": self.fails_in_row if not self._answered_since_failure() else 0,

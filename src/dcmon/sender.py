@@ -26,10 +26,11 @@ import re
 import threading
 import time
 from collections.abc import Callable
+from typing import Protocol
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from .errors import SinkAuth, SinkError, SinkPermanent, SinkRetryable, SinkTooLarge
-from .influx import InfluxSink, redact_url
+from .influx import redact_url
 from .spool import Spool
 
 log = logging.getLogger(__name__)
@@ -43,11 +44,23 @@ REFUSED_MEMORY_S = 600.0    # after a 413, do not grow back to the refused batch
 _QUOTED = re.compile(r"unable to parse '(.+?)': ")
 
 
+class Sink(Protocol):
+    """What the sender writes to: an InfluxSink, or one wrapped (influx_setup's backfill watches writes)."""
+
+    where: str
+
+    def write(self, lines: list[str]) -> None: ...
+
+    def ping(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
 class Sender:
     """Drains a Spool into an InfluxSink. ``run`` is the thread body; ``flush`` may be called from another
     thread (sends are serialised by a lock)."""
 
-    def __init__(self, spool: Spool, sink: InfluxSink | None, *, batch_lines: int = 5000,
+    def __init__(self, spool: Spool, sink: Sink | None, *, batch_lines: int = 5000,
                  min_backoff_s: float = 1.0, max_backoff_s: float = 60.0, min_send_interval_s: float = 0.0,
                  on_backlog_sent: Callable[[float], None] | None = None) -> None:
         """``min_send_interval_s``: with no backlog, send at most this often (pokes in between only mark

@@ -39,6 +39,7 @@ import tty
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 from pymodbus.framer.rtu import FramerRTU
 
@@ -89,7 +90,7 @@ class LineFaults:
             self.foreign = None if spec["foreign"] is None else int(spec["foreign"])  # type: ignore[call-overload]
         if "truncate" in spec:
             self.truncate = int(spec["truncate"] or 0)  # type: ignore[call-overload]
-        for g in spec.get("garbage", []) or []:  # type: ignore[union-attr]
+        for g in cast("list[object]", spec.get("garbage") or []):
             self.garbage.append(bytes.fromhex(str(g)))
         return self
 

@@ -813,7 +813,7 @@ class Spool:
 
     def _meta_int(self, key: str) -> int:
         v = self._meta(key)
-        return int(v) if v is not None else 0
+        return int(str(v)) if v is not None else 0
 
     def count(self) -> int:
         """The exact queue depth (a full count; ``stats().depth`` is a maintained counter)."""

@@ -445,7 +445,7 @@ class DcmonCollector:
         yield from _output_metrics(host, _outputs_of(st))
 
 
-def _outputs_of(st: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+def _outputs_of(st: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Per-output stats from the status dict, tolerant of its shape: ``outputs`` {name: {...}}, ``spool`` as
     {name: {...}} (one spool per output), or ``spool`` as one flat dict (today's single InfluxDB spool, whose
     sender's counters sit at the top level)."""
@@ -724,7 +724,7 @@ class HttpOutput:
         self.healthy = healthy
         self._store = _Store(host or socket.gethostname())
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(DcmonCollector(self._store, self._safe_status))   # type: ignore[arg-type]
+        self.registry.register(DcmonCollector(self._store, self._safe_status))
         ProcessCollector(registry=self.registry)
         self.page = _page_html() if settings.page else b""
         self._clients: set[_Client] = set()
@@ -754,8 +754,9 @@ class HttpOutput:
     def url(self) -> str:
         if self._server is None:
             return ""
-        host, port = self._server.server_address[:2]
-        return f"http://[{host}]:{port}" if ":" in str(host) else f"http://{host}:{port}"
+        addr, port = self._server.server_address[:2]
+        host = addr.decode() if isinstance(addr, bytes) else str(addr)
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def start(self) -> HttpOutput:
         host, port = self.settings.address

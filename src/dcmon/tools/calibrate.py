@@ -25,7 +25,6 @@ from .. import config as config_mod
 from ..bus import Bus
 from ..calibration import (
     SPEC_PERCENT,
-    CalibrationError,
     Fit,
     calibration_from,
     defining_file,
@@ -35,7 +34,7 @@ from ..calibration import (
     save_calibration,
 )
 from ..config import Calibration
-from ..errors import ConfigError, UsageError
+from ..errors import CalibrationError, ConfigError, UsageError
 from ..helptext import Formatter
 from ..meter import read_values
 from .target import Target, handler, meter_parser, note, resolve, say, target_parser

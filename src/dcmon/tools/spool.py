@@ -13,11 +13,12 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from .. import config as config_mod
 from ..errors import DcmonError
-from ..spool import Spool, SpoolError
+from ..errors import SpoolError
+from ..spool import Spool
 from ..helptext import Formatter
 
 
@@ -165,6 +166,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if sp is None:
         return 0
     n = 0
+    out: TextIO
     with sp, contextlib.ExitStack() as stack:
         if args.output:
             try:
