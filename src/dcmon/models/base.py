@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import ClassVar, Literal
@@ -31,10 +32,19 @@ class WordType:
     words: int = 1
 
     def decode(self, words: list[int] | tuple[int, ...], scale: float) -> FieldValue:
-        raise NotImplementedError
+        """The value in ``words`` (exactly ``self.words`` of them), scaled."""
+        return self.decode_at(words, 0, scale)
+
+    def decode_at(self, words: list[int] | tuple[int, ...], i: int, scale: float) -> FieldValue:
+        """The value whose first word is ``words[i]`` (the decoder's fast path: no slicing)."""
+        return self.decode(words[i:i + self.words], scale)
 
     def encode(self, value: FieldValue, scale: float) -> list[int]:
         raise NotImplementedError
+
+    @property
+    def is_flag(self) -> bool:
+        return False
 
     @property
     def max_raw(self) -> int:
@@ -65,6 +75,14 @@ class Unsigned(WordType):
     def decode(self, words: list[int] | tuple[int, ...], scale: float) -> FieldValue:
         return _join(words, self.low_word_first) * scale
 
+    def decode_at(self, words: list[int] | tuple[int, ...], i: int, scale: float) -> FieldValue:
+        if self.words == 1:
+            return words[i] * scale
+        if self.words == 2:
+            lo, hi = (words[i], words[i + 1]) if self.low_word_first else (words[i + 1], words[i])
+            return (lo | (hi << 16)) * scale
+        return _join(words[i:i + self.words], self.low_word_first) * scale
+
     def encode(self, value: FieldValue, scale: float) -> list[int]:
         raw = max(0, min(int(round(float(value) / scale)), self.max_raw))
         return _split(raw, self.words, self.low_word_first)
@@ -83,6 +101,9 @@ class Signed(Unsigned):
         bits = 16 * self.words
         raw = max(-(1 << (bits - 1)), min(int(round(float(value) / scale)), (1 << (bits - 1)) - 1))
         return _split(raw & ((1 << bits) - 1), self.words, self.low_word_first)
+
+    def decode_at(self, words: list[int] | tuple[int, ...], i: int, scale: float) -> FieldValue:
+        return self.decode(words[i:i + self.words], scale)
 
     @property
     def max_raw(self) -> int:
@@ -115,6 +136,13 @@ class Alarm(WordType):
 
     def decode(self, words: list[int] | tuple[int, ...], scale: float) -> FieldValue:
         return words[0] != 0
+
+    def decode_at(self, words: list[int] | tuple[int, ...], i: int, scale: float) -> FieldValue:
+        return words[i] != 0
+
+    @property
+    def is_flag(self) -> bool:
+        return True
 
     def encode(self, value: FieldValue, scale: float) -> list[int]:
         return [0xFFFF if value else 0]
@@ -219,6 +247,13 @@ class Model:
     sim: SimBase = SimBase()
     function: Literal["input", "holding"] = "input"  # which registers the block is read from (0x04 / 0x03)
     measurement: str = ""           # an explicit InfluxDB measurement (custom models); "" = by kind
+    plan: tuple[tuple[str, Callable[[Sequence[int], int, float], FieldValue], int, float, int | None], ...] = field(
+        init=False, repr=False, compare=False)   # decode's per-register steps, made once
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "plan", tuple(
+            (r.name, r.type.decode_at, r.address - self.input_start, r.scale,
+             None if r.type.is_flag else decimals(r.step)) for r in self.inputs))
 
     def setting(self, name: str) -> Setting:
         for s in self.settings:
@@ -267,13 +302,11 @@ def decode(model: Model, words: list[int] | tuple[int, ...]) -> dict[str, FieldV
     if len(words) < model.input_count:
         raise ValueError(f"{model.title}: expected {model.input_count} registers, got {len(words)}")
     out: dict[str, FieldValue] = {}
-    base = model.input_start
-    for reg in model.inputs:
-        i = reg.address - base
-        v = reg.type.decode(words[i:i + reg.type.words], reg.scale)
+    for name, dec, i, scale, digits in model.plan:
+        v = dec(words, i, scale)
         # Scaling by 0.01 gives 13.440000000000001; round to the register's resolution so that what we
         # store is exactly what the meter said.
-        out[reg.name] = v if isinstance(v, bool) else round(v, decimals(reg.step))
+        out[name] = v if digits is None else round(v, digits)
     return out
 
 
