@@ -33,6 +33,7 @@ HERE = Path(__file__).resolve().parent
 DS_UID = "dcmon-influxdb"          # also in provisioning/datasources/dcmon.yaml: keep them equal
 DS = {"type": "influxdb", "uid": DS_UID}
 DC, AC, HEALTH = '"dc_power"', '"ac_power"', '"dcmon_health"'
+BAT = '"battery"'                  # dcmon.battery_service: one point per battery per cycle, tags host + battery
 BOTH = f"{DC}, {AC}"
 SCHEMA_VERSION = 39                # Grafana 10.4 / 11.x
 OVERVIEW_UID, SENSOR_UID = "dcmon-overview", "dcmon-sensor"
@@ -200,6 +201,77 @@ def freshness(**kw) -> dict:
                             "5 minutes.", **kw)
 
 
+# battery points (docs/battery.md): tags host and battery only, raw data (not downsampled)
+BAT_WHERE = 'WHERE $timeFilter AND "host" =~ /^$host$/'
+BAT_GROUP = '"host", "battery"'
+BAT_ALIAS = "$tag_battery ($tag_host)"
+
+
+def battery_latest(*fields: str) -> str:
+    """The newest point's fields as they are: a field the point does not have (unknown) is null, so the
+    panel shows no data instead of an older value (last() would pick the last known one). ``soc_known`` is
+    in every point: with it the newest point is returned even when all the other fields are unknown."""
+    cols = ", ".join(f'"{f}"' for f in (*fields, "soc_known"))
+    return f'SELECT {cols} FROM {BAT} {BAT_WHERE} GROUP BY {BAT_GROUP} ORDER BY time DESC LIMIT 1'
+
+
+def battery_over_time(field: str) -> str:
+    return (f'SELECT mean("{field}") AS "{field}" FROM {BAT} {BAT_WHERE} '
+            f'GROUP BY time($__interval), {BAT_GROUP} fill(none)')
+
+
+def battery_ah_per_day() -> str:
+    """Ah charged and discharged per day (in $tz): the history counters' steps, per stored series."""
+    return (f'SELECT sum("charged") AS "charged", sum("discharged") AS "discharged" FROM '
+            f'(SELECT non_negative_difference("charged_ah") AS "charged", '
+            f'non_negative_difference("discharged_ah") AS "discharged" FROM {BAT} {BAT_WHERE} GROUP BY *) '
+            f"WHERE $timeFilter GROUP BY time(1d), {BAT_GROUP} fill(0) tz('$tz')")
+
+
+def gauge(title: str, unit: str, targets: list[dict], *, fields: str = "", **kw) -> dict:
+    opts = {"reduceOptions": {"calcs": ["lastNotNull"], "fields": fields, "values": False},
+            "orientation": "auto", "showThresholdLabels": False, "showThresholdMarkers": True,
+            "sizing": "auto", "minVizWidth": 75, "minVizHeight": 75, "textMode": "auto",
+            # Grafana 12+'s gauge options at their defaults (10.4 / 11 ignore them)
+            "shape": "gauge", "barShape": "flat", "barWidthFactor": 0.5, "segmentCount": 1, "segmentSpacing": 0.3,
+            "effects": {}}
+    return panel("gauge", title, unit, targets, options=opts, w=kw.pop("w", 4), h=kw.pop("h", 6), **kw)
+
+
+SOC = [("red", None), ("orange", 30), ("green", 60)]
+
+
+def battery_row() -> list[dict]:
+    unknown = ("No data = unknown: not synchronised yet (charge it full once), the state was lost, or the meters "
+               "cannot tell (docs/battery.md; `dcmon status` says which).")
+    return [
+        row("Batteries"),
+        gauge("State of charge", "percent", [target(battery_latest("soc_pct"), alias=BAT_ALIAS)], fields="/^soc_pct$/",
+              decimals=0, thresholds=SOC, defaults={"min": 0, "max": 100}, time_from="1h", hide_time_override=True,
+              description="The newest estimate, like a BMV's SoC. " + unknown),
+        stat("Time to go", "s", [target(battery_latest("time_to_go_s"), alias=BAT_ALIAS)], fields="/^time_to_go_s$/",
+             graph_mode="none", decimals=0, time_from="1h", hide_time_override=True,
+             description="Until the discharge floor (discharge_floor_pct) at the averaged discharge current. "
+                         "No data while charging or idle, or while the state of charge is unknown."),
+        stat("Synchronisations", "short", [target(
+            f'SELECT last("synchronisations") AS "synchronisations", last("time_since_full_s") AS "since full" '
+            f'FROM {BAT} {BAT_WHERE} GROUP BY {BAT_GROUP}', alias=f"{BAT_ALIAS} $col")],
+            graph_mode="none", decimals=0, time_from="30d", hide_time_override=True, w=4,
+            defaults={"displayName": "${__series.name}"},
+            description="How many times the battery was found full (voltage above the charged voltage, current "
+                        "below the tail current, for the detection time), and the seconds since the last one."),
+        graph("Net current", "amp", [target(battery_over_time("net_current_a"), alias=BAT_ALIAS)], w=12, decimals=2,
+              description="Into the battery (+) minus out of it (-): the charge meters' sum minus the load meters'."),
+        graph("Battery state of charge", "percent", [target(battery_over_time("soc_pct"), alias=BAT_ALIAS)],
+              decimals=0, defaults={"min": 0, "max": 100}, thresholds=SOC,
+              description="Gaps: unknown (not synchronised, or lost). " + unknown),
+        graph("Ah charged and discharged per day", "suffix: Ah",
+              [target(battery_ah_per_day(), alias=f"{BAT_ALIAS} $col")], bars=True, time_from="7d", decimals=1,
+              description="From the monitor's history counters (charge efficiency and Peukert not applied): "
+                          "what flowed in and out each day, days starting at midnight in $tz."),
+    ]
+
+
 # thresholds: [(colour, from value)], the first from -infinity (None)
 LATENCY = [("green", None), ("orange", 300), ("red", 1000)]        # bus timeout_s is 0.5 s by default
 FAILED = [("green", None), ("orange", 1), ("red", 5)]
@@ -315,6 +387,7 @@ def overview() -> dict:
         states("AC power alarm", "bool_on_off", [target(
             f'SELECT last("power_alarm") AS "power alarm" FROM {AC} {sel()} '
             f'GROUP BY time($__interval), {GROUP} fill(none)')], ALARM_MAPPINGS, w=8),
+        *battery_row(),
         row("Poller health"),
         states("Sensor answering", "bool_on_off", [target(health("last", "up"))], UP_MAPPINGS, w=8,
                description="From dcmon_health: did the meter answer its last poll (written every "

@@ -415,18 +415,19 @@ def test_a_corrupt_or_foreign_file_is_moved_aside(tmp_path, caplog):
 
 @pytest.mark.parametrize("data,key,text", [
     ({"name": "h", "charge": ["a"], "discharge": ["b"]}, "batteries.capacity_ah", "is required"),
-    ({"name": "h", "capacity_ah": 0, "charge": ["a"]}, "batteries.capacity_ah", "out of range"),
+    ({"name": "h", "capacity_ah": 0, "charge": ["a"]}, "batteries.capacity_ah", "more than 0"),
     ({"name": "h", "capacity_ah": 100, "chemistry": "nicad", "charge": ["a"]}, "batteries.chemistry", "lifepo4"),
-    ({"name": "h", "capacity_ah": 100, "peukert": 1.8, "charge": ["a"]}, "batteries.peukert", "1 to 1.5"),
+    ({"name": "h", "capacity_ah": 100, "peukert": 1.8, "charge": ["a"]}, "batteries.peukert", "from 1 to 1.5"),
     ({"name": "h", "capacity_ah": 100, "tail_curent_pct": 2, "charge": ["a"]}, "batteries.tail_curent_pct",
      "tail_current_pct"),
     ({"name": "h", "capacity_ah": 100, "charge": ["a"], "discharge": ["a"]}, "batteries.discharge", "more than once"),
     ({"name": "h", "capacity_ah": 100}, "batteries.charge", "no meters"),
     ({"name": "h", "capacity_ah": 100, "charge": ["a"], "voltage_sensor": "z"}, "batteries.voltage_sensor", "not one"),
     ({"name": "h", "capacity_ah": 100, "charge": ["a"], "charged_voltage_v": 9}, "batteries.charged_voltage_v",
-     "below the nominal"),
-    ({"name": "h", "capacity_ah": 100, "charge": "a", "current_threshold_a": "0.1"},
+     "does not suit the nominal 12 V"),
+    ({"name": "h", "capacity_ah": 100, "charge": ["a"], "current_threshold_a": "0.1"},
      "batteries.current_threshold_a", "must be a number"),
+    ({"name": "h", "capacity_ah": 100, "charge": "a"}, "batteries.charge", "must be a list"),
 ])
 def test_from_dict_names_the_key_and_the_fix(data, key, text):
     with pytest.raises(ConfigError) as ei:

@@ -437,7 +437,8 @@ def test_configuration_doc_lists_every_key_with_its_default():
     sections = {m.group(1): m.start() for m in re.finditer(r"^## `\[\[?([a-z.]+)(?:\.NAME)?\]?\]`", doc, re.M)}
     tables = {"poller": c.PollerConfig, "spool": c.SpoolConfig, "influxdb": c.InfluxConfig,
               "grafana": c.GrafanaConfig, "buses": c.BusConfig, "sensors": c.SensorConfig,
-              "sensors.calibration": c.Calibration, "models": c.ModelConfig}
+              "sensors.calibration": c.Calibration, "models": c.ModelConfig,
+              "batteries": c.BatterySettings}
     missing = []
     for table, model in tables.items():
         assert table in sections, f"no '## `[{table}]`' section in docs/configuration.md"

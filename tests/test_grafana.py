@@ -53,7 +53,7 @@ AC_SENSORS = {"mains"}
 MEASUREMENT_OF = {"battery": "dc_power", "solar.roof": "dc_power", "mains": "ac_power"}
 # Grafana unit ids the dashboards may use (from Grafana's unit registry).
 UNITS = {"volt", "amp", "watt", "watth", "kwatth", "hertz", "none", "short", "ms", "s", "dateTimeFromNow",
-         "bool_on_off", "percentunit"}
+         "bool_on_off", "percentunit", "percent", "suffix: Ah"}
 
 # cycle offsets from now, in seconds: three days of history, then dense recent cycles (filled in later, so
 # that "today" always holds several of them, even just after midnight)
@@ -338,6 +338,11 @@ def kinds(query: str) -> set[str]:
     return {s for s, meas in MEASUREMENT_OF.items() if meas in m}
 
 
+def is_battery(p: dict) -> bool:
+    """A panel of the battery row (it reads the ``battery`` measurement, which this module's data lacks)."""
+    return any('FROM "battery"' in t["query"] for t in p["targets"])
+
+
 def panel_by_title(dash: dict, title: str) -> dict:
     (p,) = [p for p in data_panels(dash) if p["title"] == title]
     return p
@@ -357,8 +362,10 @@ def test_overview_every_query_returns_data_for_all_sensors(data):
     values = variable_values(data, dash)
     assert values["bus"] == (["grid", "house"], True)
     assert values["sensor"] == (sorted(DC_SENSORS | AC_SENSORS), True)
-    ran, targets = 0, sum(len(p["targets"]) for p in data_panels(dash))
+    ran, targets = 0, sum(len(p["targets"]) for p in data_panels(dash) if not is_battery(p))
     for p in data_panels(dash):
+        if is_battery(p):
+            continue                     # the battery row: tests/test_grafana_battery.py, on BatteryService's points
         rng = p.get("timeFrom") or dash["time"]["from"]
         for t in p["targets"]:
             for tf in time_filters(rng, time.time()):

@@ -6,7 +6,7 @@ with) is the only well-kept offline form of Grafana's dashboard schema; no Pytho
 temporary folder (npm's own cache makes later runs quick), writes each dashboard, annotation and panel as a
 typed TypeScript constant and runs ``tsc --noEmit``. TypeScript's excess-property and literal checks then
 catch a misspelt key, an option of the wrong panel type, or a value outside an enum — in the dashboard
-model and in the options and field config of the timeseries, stat and state-timeline panels.
+model and in the options and field config of the timeseries, stat, gauge and state-timeline panels.
 
 JSON carries an enum's value, not the enum, so ``Loose<T>`` turns each string enum into the union of its
 values; datasource queries are typed as Grafana types them (``DataQuery`` plus plugin-specific keys).
@@ -27,6 +27,7 @@ TYPESCRIPT = "typescript@5.9.3"
 PANEL_TYPES = {
     "timeseries": "Typed<TimeSeries.Options, TimeSeries.FieldConfig>",
     "stat": "Typed<Stat.Options, {}>",
+    "gauge": "Typed<Gauge.Options, {}>",
     "state-timeline": "Typed<StateTimeline.Options, StateTimeline.FieldConfig>",
     "row": "RowPanel",
 }
@@ -34,6 +35,7 @@ HEADER = """\
 import type { AnnotationQuery, DataQuery, Dashboard, FieldConfigSource, Panel, RowPanel } from '@grafana/schema';
 import type * as TimeSeries from '@grafana/schema/dist/esm/raw/composable/timeseries/panelcfg/x/TimeSeriesPanelCfg_types.gen';
 import type * as Stat from '@grafana/schema/dist/esm/raw/composable/stat/panelcfg/x/StatPanelCfg_types.gen';
+import type * as Gauge from '@grafana/schema/dist/esm/raw/composable/gauge/panelcfg/x/GaugePanelCfg_types.gen';
 import type * as StateTimeline from '@grafana/schema/dist/esm/raw/composable/statetimeline/panelcfg/x/StateTimelinePanelCfg_types.gen';
 
 type Loose<T> = T extends string ? `${T}` : T extends number ? number : T extends boolean ? boolean

@@ -43,6 +43,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 from .errors import ConfigError
+from .schema import Invalid, key, parse
 
 log = logging.getLogger(__name__)
 
@@ -65,29 +66,91 @@ _CHEMISTRY_ALIASES = {"lead-acid": "lead-acid", "lead_acid": "lead-acid", "leada
                       "lifepo": "lifepo4"}
 
 
-@dataclass(frozen=True)
-class BatterySettings:
-    """One ``[[batteries]]`` entry, validated. Build it with ``from_dict`` (or ``preset``)."""
+def _tag_safe(v: str) -> str:
+    """The name becomes the ``battery`` tag: line protocol cannot carry one ending in a backslash."""
+    if v.endswith("\\"):
+        raise Invalid("must not end with a backslash (InfluxDB's line protocol cannot carry it)",
+                      "remove the trailing backslash")
+    return v
 
-    name: str
-    capacity_ah: float
-    nominal_v: float = 12.0
-    chemistry: str = "lead-acid"
-    charge: tuple[str, ...] = ()          # meters on the cables into the battery (chargers, solar)
-    discharge: tuple[str, ...] = ()       # meters on the cables out of it (loads, inverter)
-    battery_cable: tuple[str, ...] = ()   # a meter on the battery cable itself: both directions, no sign
+
+def _chemistry(v: str) -> str:
+    chem = _CHEMISTRY_ALIASES.get(v.strip().lower().replace(" ", ""))
+    if chem is None:
+        raise Invalid("is not a chemistry we know", 'use "lead-acid" (also AGM, gel) or "lifepo4"')
+    return chem
+
+
+def _or_default(sentinel: float, lo: float, hi: float, unit: str = "") -> Any:
+    """A key whose ``sentinel`` value means "the chemistry's default"; anything else must be in lo..hi."""
+    def check(v: float) -> float:
+        if v != sentinel and not lo <= v <= hi:
+            raise Invalid(f"must be from {lo:g}{unit} to {hi:g}{unit} (or {sentinel:g} for the chemistry's default)")
+        return v
+    return check
+
+
+def _sensor_names(v: list[str]) -> list[str]:
+    for i, s in enumerate(v):
+        if not s:
+            raise Invalid("a sensor name must not be empty", 'e.g. ["solar", "charger"]', loc=(i,))
+    return v
+
+
+@dataclass(kw_only=True)
+class BatterySettings:
+    """One ``[[batteries]]`` table: a field of ``dcmon.config.Config`` (``batteries``), validated by
+    ``dcmon.schema`` like every other table; ``check()`` fills in the chemistry's defaults. Outside the config
+    loader build it with ``from_dict`` or ``preset``."""
+
+    name: str = key(min_len=1, max_len=64, check=_tag_safe)  # the `battery` tag
+    capacity_ah: float = key(gt=0, le=100_000, fix="the battery's rated capacity (20 h rate), e.g. capacity_ah = 200")
+    nominal_v: float = key(12.0, gt=0, le=1000)
+    chemistry: str = key("lead-acid", check=_chemistry)
+    charge: list[str] = key(factory=list, check=_sensor_names)         # meters on the cables into it (chargers, solar)
+    discharge: list[str] = key(factory=list, check=_sensor_names)      # meters on the cables out of it (loads, inverter)
+    battery_cable: list[str] = key(factory=list, check=_sensor_names)  # a meter on the battery cable: no sign
     voltage_sensor: str = ""              # whose voltage is the battery's ("" = the first meter listed)
-    charged_voltage_v: float = 0.0        # 0 = the chemistry's default for nominal_v
-    tail_current_pct: float = 4.0         # % of capacity, in A
-    charged_detection_min: float = 3.0
-    peukert: float = 0.0                  # 0 = the chemistry's default
-    charge_efficiency_pct: float = 0.0    # 0 = the chemistry's default
-    current_threshold_a: float = 0.1
-    ttg_window_min: float = 3.0
-    discharge_floor_pct: float = -1.0     # < 0 = the chemistry's default
-    rated_hours: float = 20.0             # the discharge time the capacity is rated at (C20)
-    max_gap_s: float = 60.0               # longest interval bridged by sampled power; older readings are stale
-    state_max_age_h: float = 24.0         # a saved state older than this is lost (state of charge unknown)
+    charged_voltage_v: float = key(0.0, ge=0, le=1500)   # 0 = the chemistry's default for nominal_v
+    tail_current_pct: float = key(4.0, ge=0.5, le=10)    # % of capacity, in A
+    charged_detection_min: float = key(3.0, ge=0, le=50)
+    peukert: float = key(0.0, check=_or_default(0.0, 1.0, 1.5))                          # 0 = the chemistry's
+    charge_efficiency_pct: float = key(0.0, check=_or_default(0.0, 50, 100, " %"))       # 0 = the chemistry's
+    current_threshold_a: float = key(0.1, ge=0, le=2)
+    ttg_window_min: float = key(3.0, ge=0, le=12)
+    discharge_floor_pct: float = key(-1.0, check=_or_default(-1.0, 0, 99, " %"))        # -1 = the chemistry's
+    rated_hours: float = key(20.0, ge=1, le=100)          # the discharge time the capacity is rated at (C20)
+    max_gap_s: float = key(60.0, ge=1, le=3600)           # longest interval bridged by sampled power
+    state_max_age_h: float = key(24.0, gt=0, le=24 * 365)  # a saved state older than this: state of charge unknown
+
+    def check(self) -> None:
+        """Rules across keys, then the chemistry's defaults for the keys left at 0 (-1)."""
+        every = self.sensors
+        if not every:
+            raise Invalid("no meters: a battery needs the meters on its cables",
+                          'list them: charge = ["solar"] and discharge = ["loads"] (or battery_cable = ["shunt"])',
+                          loc=("charge",))
+        dup = sorted({s for s in every if every.count(s) > 1})
+        if dup:
+            raise Invalid(f"{', '.join(dup)} listed more than once",
+                          "a meter is either charge, discharge or battery_cable, once", loc=("discharge",))
+        if self.voltage_sensor and self.voltage_sensor not in every:
+            raise Invalid(f"{self.voltage_sensor!r} is not one of this battery's meters ({', '.join(every)})",
+                          "name one of them, or leave it out (the first meter listed)", loc=("voltage_sensor",))
+        pre = PRESETS[self.chemistry]
+        default_cv = round(pre["charged_voltage_per_12v"] * self.nominal_v / 12.0, 2)
+        if self.charged_voltage_v == 0.0:
+            self.charged_voltage_v = default_cv
+        elif not self.nominal_v * 0.95 <= self.charged_voltage_v <= self.nominal_v * 1.5:
+            raise Invalid(f"{self.charged_voltage_v:g} V does not suit the nominal {self.nominal_v:g} V",
+                          f"set it 0.1 to 0.2 V below the charger's float (lead-acid) or absorption (LiFePO4) "
+                          f"voltage, default {default_cv:.2f} V", loc=("charged_voltage_v",))
+        if self.peukert == 0.0:
+            self.peukert = pre["peukert"]
+        if self.charge_efficiency_pct == 0.0:
+            self.charge_efficiency_pct = pre["charge_efficiency_pct"]
+        if self.discharge_floor_pct == -1.0:
+            self.discharge_floor_pct = pre["discharge_floor_pct"]
 
     # ------------------------------------------------------------------------------ derived values
     @property
@@ -99,8 +162,8 @@ class BatterySettings:
         return self.capacity_ah / self.rated_hours
 
     @property
-    def sensors(self) -> tuple[str, ...]:
-        return self.charge + self.discharge + self.battery_cable
+    def sensors(self) -> list[str]:
+        return [*self.charge, *self.discharge, *self.battery_cable]
 
     @property
     def battery_voltage_sensor(self) -> str:
@@ -118,96 +181,20 @@ class BatterySettings:
     # ------------------------------------------------------------------------------ construction
     @classmethod
     def preset(cls, name: str, capacity_ah: float, chemistry: str = "lead-acid", **kw: Any) -> BatterySettings:
-        """Settings with the chemistry's defaults filled in (no validation beyond from_dict's)."""
+        """Settings with the chemistry's defaults filled in (validated like the config file's)."""
         data: dict[str, Any] = {"name": name, "capacity_ah": capacity_ah, "chemistry": chemistry, **kw}
         return cls.from_dict(data, "<code>")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "config.toml", *, key: str = "batteries") -> BatterySettings:
-        """Validate one ``[[batteries]]`` table. ``where`` is the file name, ``key`` the table's key
-        (e.g. ``batteries[0]``) for the error text. Raises ConfigError naming the key and the fix."""
-
-        def bad(k: str, problem: str, fix: str) -> ConfigError:
-            return ConfigError(where, f"{key}.{k}" if k else key, problem, fix)
-
-        if not isinstance(data, Mapping):
-            raise bad("", "must be a table", "write it as [[batteries]] with name = ... and capacity_ah = ...")
-        known = {f.name for f in fields(cls)}
-        for k in data:
-            if k not in known:
-                import difflib
-                near = difflib.get_close_matches(str(k), sorted(known), n=1)
-                raise bad(str(k), "unknown key", f"did you mean {near[0]!r}?" if near else
-                          "see docs/battery.md for the keys of a battery")
-
-        def num(k: str, default: float, lo: float, hi: float, unit: str = "", *, lo_open: bool = False) -> float:
-            v = data.get(k, default)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise bad(k, f"must be a number, not {v!r}", f"e.g. {k} = {default:g}")
-            v = float(v)
-            if v < lo or v > hi or (lo_open and v == lo):
-                rng = f"{'above' if lo_open else 'from'} {lo:g}{unit} {'up ' if lo_open else ''}to {hi:g}{unit}"
-                raise bad(k, f"{v:g}{unit} is out of range", f"use a value {rng}")
-            return v
-
-        def names(k: str) -> tuple[str, ...]:
-            v = data.get(k, [])
-            if isinstance(v, str):
-                v = [v]
-            if not isinstance(v, (list, tuple)) or not all(isinstance(s, str) and s for s in v):
-                raise bad(k, f"must be a list of sensor names, not {v!r}", f'e.g. {k} = ["solar", "charger"]')
-            return tuple(v)
-
-        name = data.get("name")
-        if not isinstance(name, str) or not name.strip() or len(name) > 64:
-            raise bad("name", "is required (a short name, 1 to 64 characters)", 'e.g. name = "house"')
-        if "capacity_ah" not in data:
-            raise bad("capacity_ah", "is required", "set the battery's rated capacity (20 h rate), e.g. capacity_ah = 200")
-        capacity = num("capacity_ah", 100, 0, 100_000, " Ah", lo_open=True)
-        nominal = num("nominal_v", 12, 0, 1000, " V", lo_open=True)
-        chem_raw = data.get("chemistry", "lead-acid")
-        chem = _CHEMISTRY_ALIASES.get(str(chem_raw).strip().lower().replace(" ", "")) if isinstance(chem_raw, str) else None
-        if chem is None:
-            raise bad("chemistry", f"{chem_raw!r} is not a chemistry we know", 'use "lead-acid" (also AGM, gel) or "lifepo4"')
-        pre = PRESETS[chem]
-        charge, discharge, cable = names("charge"), names("discharge"), names("battery_cable")
-        every = charge + discharge + cable
-        if not every:
-            raise bad("charge", "no meters: a battery needs the meters on its cables",
-                      'list them: charge = ["solar"] and discharge = ["loads"] (or battery_cable = ["shunt"])')
-        dup = sorted({s for s in every if every.count(s) > 1})
-        if dup:
-            raise bad("discharge", f"{', '.join(dup)} listed more than once",
-                      "a meter is either charge, discharge or battery_cable, once")
-        vs = data.get("voltage_sensor", "")
-        if not isinstance(vs, str) or (vs and vs not in every):
-            raise bad("voltage_sensor", f"{vs!r} is not one of this battery's meters ({', '.join(every)})",
-                      "name one of them, or leave it out (the first meter listed)")
-        default_cv = pre["charged_voltage_per_12v"] * nominal / 12.0
-        charged_v = num("charged_voltage_v", 0.0, 0, nominal * 1.5, " V")
-        if charged_v == 0.0:
-            charged_v = round(default_cv, 2)
-        elif charged_v < nominal * 0.95:
-            raise bad("charged_voltage_v", f"{charged_v:g} V is below the nominal {nominal:g} V",
-                      f"set it 0.1 to 0.2 V below the charger's float (lead-acid) or absorption (LiFePO4) voltage, "
-                      f"default {default_cv:.2f} V")
-        floor = num("discharge_floor_pct", pre["discharge_floor_pct"], 0, 99, " %")
-        s = cls(
-            name=name.strip(), capacity_ah=capacity, nominal_v=nominal, chemistry=chem,
-            charge=charge, discharge=discharge, battery_cable=cable, voltage_sensor=vs,
-            charged_voltage_v=charged_v,
-            tail_current_pct=num("tail_current_pct", 4.0, 0.5, 10, " %"),
-            charged_detection_min=num("charged_detection_min", 3.0, 0, 50, " min"),
-            peukert=num("peukert", pre["peukert"], 1.0, 1.5),
-            charge_efficiency_pct=num("charge_efficiency_pct", pre["charge_efficiency_pct"], 50, 100, " %"),
-            current_threshold_a=num("current_threshold_a", 0.1, 0, 2, " A"),
-            ttg_window_min=num("ttg_window_min", 3.0, 0, 12, " min"),
-            discharge_floor_pct=floor,
-            rated_hours=num("rated_hours", 20.0, 1, 100, " h"),
-            max_gap_s=num("max_gap_s", 60.0, 1, 3600, " s"),
-            state_max_age_h=num("state_max_age_h", 24.0, 0, 24 * 365, " h", lo_open=True),
-        )
-        return s
+        """Validate one ``[[batteries]]`` table outside the config loader (``dcmon.config.load`` parses them
+        as a field of Config). Raises ConfigError naming ``where``, the key (``key`` + its own) and the fix."""
+        try:
+            out: BatterySettings = parse(cls, dict(data) if isinstance(data, Mapping) else data)
+        except Invalid as e:
+            loc = ".".join(str(p) for p in (key, *e.loc))
+            raise ConfigError(where, loc, e.problem, e.fix or "see docs/battery.md for the keys of a battery") from None
+        return out
 
 
 def limits(settings: BatterySettings) -> str:
@@ -645,24 +632,36 @@ class BatteryMonitor:
         return mon
 
 
+def check_batteries(batteries: list[BatterySettings], sensors: Iterable[str]) -> None:
+    """Rules across batteries and sensors (``Config.check``): names unique, every meter named is a sensor.
+    Raises Invalid located relative to the config's top (``batteries[n]...``)."""
+    known = list(sensors)
+    seen: set[str] = set()
+    for n, b in enumerate(batteries):
+        if b.name in seen:
+            raise Invalid(f"battery name {b.name!r} is used twice", "give each battery its own name",
+                          loc=("batteries", n, "name"))
+        seen.add(b.name)
+        for k in ("charge", "discharge", "battery_cable"):
+            for i, x in enumerate(getattr(b, k)):
+                if x not in known:
+                    raise Invalid(f"no sensor named {x!r}",
+                                  f"use the names of [[sensors]]: {', '.join(sorted(known)) or 'none configured'}",
+                                  loc=("batteries", n, k, i))
+
+
 def settings_list(tables: Iterable[Mapping[str, Any]], where: str = "config.toml",
                   sensors: Iterable[str] | None = None) -> list[BatterySettings]:
-    """All ``[[batteries]]`` tables (for the config loader: one line). ``sensors``: the configured sensor
-    names, to check that every meter named exists."""
-    out: list[BatterySettings] = []
-    known = set(sensors) if sensors is not None else None
-    for n, t in enumerate(tables):
-        b = BatterySettings.from_dict(t, where, key=f"batteries[{n}]")
-        if any(o.name == b.name for o in out):
-            raise ConfigError(where, f"batteries[{n}].name", f"{b.name!r} is used twice", "give each battery its own name")
-        if known is not None:
-            missing = [x for x in b.sensors if x not in known]
-            if missing:
-                raise ConfigError(where, f"batteries[{n}]", f"no sensor named {', '.join(map(repr, missing))}",
-                                  f"use the names of [[sensors]]: {', '.join(sorted(known)) or 'none configured'}")
-        out.append(b)
+    """All ``[[batteries]]`` tables outside the config loader (which parses them as ``Config.batteries``).
+    ``sensors``: the configured sensor names, to check that every meter named exists."""
+    out = [BatterySettings.from_dict(t, where, key=f"batteries[{n}]") for n, t in enumerate(tables)]
+    try:
+        check_batteries(out, sensors if sensors is not None else [s for b in out for s in b.sensors])
+    except Invalid as e:
+        loc = "".join(f"[{p}]" if isinstance(p, int) else ("." if i else "") + str(p) for i, p in enumerate(e.loc))
+        raise ConfigError(where, loc, e.problem, e.fix) from None
     return out
 
 
 __all__ = ["BatteryMonitor", "BatterySettings", "BatteryState", "PRESETS", "limits", "peukert_factor",
-           "settings_list"]
+           "check_batteries", "settings_list"]

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 from urllib.parse import urlsplit
 
 from . import __version__
+from .battery import BatterySettings, check_batteries
 from .errors import ConfigError
 from .models import MODELS, Model, Register, RegType, SerialDefaults, WordType, shunt_amps
 from .schema import INTERNAL, EnvText, Invalid, Loc, is_scalar, is_table, key, keys, parse, hint
@@ -358,6 +359,7 @@ class Config:
     buses: dict[str, BusConfig] = key(factory=dict)
     sensors: list[SensorConfig] = key(factory=list)
     models: dict[str, ModelConfig] = key(factory=dict)   # user-defined register tables
+    batteries: list[BatterySettings] = key(factory=list)  # [[batteries]]: dcmon.battery, docs/battery.md
 
     # where it came from (not part of the file format)
     source: str = field(default="", metadata=INTERNAL)
@@ -408,6 +410,7 @@ class Config:
                 raise Invalid(f"{bus.stopbits} does not match the meters on this bus ({stop.pop()})",
                               "remove stopbits to use the meters' own framing", loc=("buses", name, "stopbits"))
             self._check_timing(name, bus, [s.meter for s in on_bus] or list(MODELS.values()))
+        check_batteries(self.batteries, [s.name for s in self.sensors])
 
     def _custom_models(self) -> dict[str, Model]:
         out: dict[str, Model] = {}

@@ -214,6 +214,8 @@ def _convert(tp: Any, v: Any, loc: Loc) -> Any:
         return {k: value(args[1], item, loc + (k,)) for k, item in v.items()}
     if origin is list:
         if not isinstance(v, list):
+            if not is_table(args[0]):
+                raise Invalid('must be a list, e.g. ["a", "b"]')
             raise Invalid(f"must be a list of tables ([[{loc[-1]}]])", show=False)
         return [value(args[0], item, loc + (i,)) for i, item in enumerate(v)]
     if isinstance(v, EnvText):
