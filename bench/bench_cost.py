@@ -114,7 +114,7 @@ def step(label, fn):
 step("dcmon.models", lambda: importlib.import_module("dcmon.models"))
 step("dcmon.config (dataclasses + dcmon.schema)", lambda: importlib.import_module("dcmon.config"))
 step("pymodbus.client (via dcmon.bus)", lambda: importlib.import_module("pymodbus.client"))
-step("httpx (via dcmon.grafana)", lambda: importlib.import_module("httpx"))
+step("httpx (via dcmon.tools.grafana)", lambda: importlib.import_module("httpx"))
 step("tomlkit (via dcmon.calibration)", lambda: importlib.import_module("tomlkit"))
 step("the rest of dcmon + the argparse tree", lambda: importlib.import_module("dcmon.cli").build_parser())
 print(json.dumps(out))

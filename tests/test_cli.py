@@ -25,7 +25,8 @@ def test_common_options_before_the_command_are_skipped():
 
 def test_a_command_does_not_import_the_others():
     code = ("import sys; from dcmon import cli; cli.build_parser(['spool']); "
-            "print(' '.join(m for m in ('dcmon.tools', 'dcmon.grafana', 'dcmon.poller', 'dcmon.service') if m in sys.modules))")
+            "print(' '.join(m for m in ('dcmon.tools.target', 'dcmon.tools.scan', 'dcmon.tools.grafana', 'dcmon.bus', "
+            "'dcmon.poller', 'dcmon.service', 'pymodbus', 'httpx') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == ""
@@ -34,3 +35,24 @@ def test_a_command_does_not_import_the_others():
 def test_unknown_command_is_a_usage_error_listing_the_commands():
     r = subprocess.run([sys.executable, "-m", "dcmon.cli", "scna"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "invalid choice" in r.stderr and "scan" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_other_libraries_are_quiet_above_debug_and_speak_at_debug(capsys):
+    """No module silences pymodbus or httpx at import; the command line does, unless --log-level debug."""
+    import logging
+
+    from dcmon.simulator import SimMeter, Simulator
+    from dcmon.models import PZEM017
+
+    with Simulator([SimMeter(PZEM017, 1, steady=True)]) as sim:
+        assert cli.main(["read", "--port", sim.path, "--address", "1", "--log-level", "info"]) == 0
+        quiet = capsys.readouterr().err
+        assert logging.getLogger("pymodbus").level == logging.CRITICAL
+        assert logging.getLogger("httpx").level == logging.WARNING
+        assert cli.main(["read", "--port", sim.path, "--address", "1", "--log-level", "debug"]) == 0
+        loud = capsys.readouterr().err
+    assert logging.getLogger("pymodbus").getEffectiveLevel() == logging.DEBUG
+    assert logging.getLogger("httpx").getEffectiveLevel() == logging.DEBUG
+    assert "decoded PDU" not in quiet and "Processing:" not in quiet
+    assert "decoded PDU" in loud and "ReadInputRegistersResponse" in loud   # pymodbus's own view of the frames
+    cli.quiet_libraries("info")

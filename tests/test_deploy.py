@@ -437,7 +437,7 @@ def test_configuration_doc_lists_every_key_with_its_default():
     sections = {m.group(1): m.start() for m in re.finditer(r"^## `\[\[?([a-z.]+)(?:\.NAME)?\]?\]`", doc, re.M)}
     tables = {"poller": c.PollerConfig, "spool": c.SpoolConfig, "influxdb": c.InfluxConfig,
               "grafana": c.GrafanaConfig, "mqtt": c.MqttConfig, "http": c.HttpConfig, "buses": c.BusConfig,
-              "sensors": c.SensorConfig, "sensors.calibration": c.Calibration,
+              "sensors": c.SensorConfig, "sensors.calibration": c.Calibration, "models": c.ModelConfig,
               "batteries": c.BatterySettings}
     missing = []
     for table, model in tables.items():
@@ -455,6 +455,9 @@ def test_configuration_doc_lists_every_key_with_its_default():
                 shown = toml_value(value)
                 if shown not in row and not (isinstance(value, float) and repr(int(value)) in row):
                     missing.append(f"{table}.{key} default {shown}")
+    start = sections["models"]   # the fields of [[models.NAME.fields]] are listed in the same section
+    body = doc[start:min([p for p in sections.values() if p > start] + [len(doc)])]
+    missing += [f"models.NAME.fields.{k}" for k in keys(c.FieldConfig) if f"| `{k}`" not in body]
     assert missing == [], f"docs/configuration.md lacks: {missing}"
 
 

@@ -171,7 +171,7 @@ def test_the_parse_check_can_fail():
 TABLES = {"poller": c.PollerConfig, "spool": c.SpoolConfig, "influxdb": c.InfluxConfig, "grafana": c.GrafanaConfig,
           "mqtt": c.MqttConfig, "http": c.HttpConfig,
           "buses": c.BusConfig, "sensors": c.SensorConfig, "sensors.calibration": c.Calibration,
-          "batteries": c.BatterySettings}
+          "models": c.ModelConfig, "batteries": c.BatterySettings}
 # `[table]`, `[[table]]`, `[buses.NAME]`, optionally followed by a key: `[influxdb] token_file`
 SECTION = re.compile(r"\[\[?(?P<table>[a-z][a-z_.]*?)(?:\.NAME)?\]\]?(?:\s+(?P<key>[a-z_*]+))?(?:\s*=.*)?")
 # `poller.apply_shunt_codes`, `influxdb.measurement*`, `sensors.calibration.voltage_gain = 1.01`

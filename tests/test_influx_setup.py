@@ -140,3 +140,23 @@ def test_backlog_after_a_real_outage_is_downsampled(own_influxd, tmp_path, caplo
                                f'FROM "{HOUR_RP}"."dc_power"', db=db)
     assert hourly[0]["values"][0][1:] == pytest.approx([sum(truth.values()), 12.0, 16.0])
     assert any("downsampled the" in r.message for r in caplog.records)
+
+
+def test_the_watched_sink_answers_the_senders_probe(influxd, tmp_path):
+    """The sender pings its sink during a back-off to retry as soon as InfluxDB is back; the sink the service
+    uses is wrapped by the backfill, and the wrapper had no ping (every probe said "down"; mypy found it)."""
+    from dcmon.outputs.influx import InfluxSink
+    from dcmon.influx_setup import Backfill
+
+    cfg = make_cfg(tmp_path, influxd.url, "probe")
+    sink = Backfill(cfg).watch(InfluxSink(cfg.influxdb))
+    try:
+        assert sink.ping() is True
+    finally:
+        sink.close()
+    cfg = make_cfg(tmp_path, "http://127.0.0.1:9", "probe")     # nothing listens on the discard port
+    sink = Backfill(cfg).watch(InfluxSink(cfg.influxdb))
+    try:
+        assert sink.ping() is False
+    finally:
+        sink.close()

@@ -38,8 +38,8 @@ from .errors import BusError, DeviceError, NoResponse, PortNotFound
 
 log = logging.getLogger(__name__)
 
-# pymodbus logs its own view of every timeout at ERROR; we report each failure once, ourselves.
-logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+# pymodbus logs its own view of every timeout at ERROR; we report each failure once, ourselves: the command
+# line quiets it above debug (dcmon.cli.quiet_libraries), not this module at import.
 
 BROADCAST = 0x00
 GENERAL_ADDRESS = 0xF8  # any single PZEM answers it: only safe with one meter on the bus
@@ -111,7 +111,7 @@ def expected_reply(request: ModbusPDU) -> _Expect:
 
 
 def _crc_ok(frame: bytes | bytearray) -> bool:
-    return FramerRTU.compute_CRC(frame[:-2]) == (frame[-2] << 8 | frame[-1])
+    return FramerRTU.compute_CRC(frame[:-2]) == (frame[-2] << 8 | frame[-1])  # type: ignore[arg-type]  # bytearray too
 
 
 class _RtuClient(ModbusSerialClient):
@@ -395,9 +395,9 @@ class Bus:
                         lambda: self._client.read_input_registers(start, count=count, device_id=address), tries)
         return self._registers(rr, address, count)
 
-    def read_holding_registers(self, address: int, start: int, count: int) -> list[int]:
+    def read_holding_registers(self, address: int, start: int, count: int, *, tries: int | None = None) -> list[int]:
         rr = self._call(address, f"read {count} holding registers at 0x{start:04X}",
-                        lambda: self._client.read_holding_registers(start, count=count, device_id=address))
+                        lambda: self._client.read_holding_registers(start, count=count, device_id=address), tries)
         return self._registers(rr, address, count)
 
     def write_register(self, address: int, register: int, value: int) -> None:

@@ -23,26 +23,22 @@ import time
 from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import tomlkit
 from tomlkit.exceptions import TOMLKitError
 
 from .config import Calibration, local_path_for
-from .errors import ConfigError, DcmonError
-from .models import Model, decimals
+from .errors import CalibrationError, ConfigError
+from .models import Model, decimals, shunt_amps
 
 SPEC_PERCENT = 1.0  # PZEM-003/017 (and the AC models): specified accuracy of 1 %
 
 # Gains are accepted between these (the config model refuses others): a larger correction means a wiring or
 # shunt-code problem, not a calibration.
 GAIN_MIN, GAIN_MAX = 0.5, 1.5
-# actual shunt / shunt code, for every pair of PZEM-017 ratings (50, 100, 200, 300 A) that differ
-SHUNT_RATIOS = sorted({a / c for a in (50, 100, 200, 300) for c in (50, 100, 200, 300) if a != c})
-
-
-class CalibrationError(DcmonError):
-    """The reference points cannot give a sensible calibration (says why and what to do)."""
+# actual shunt / shunt code, for every pair of ratings a model has a code for (PZEM-017: 50, 100, 200, 300 A)
+SHUNT_RATIOS = sorted({a / c for a in shunt_amps() for c in shunt_amps() if a != c})
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +158,7 @@ def apply_calibration(values: Mapping[str, Any], cal: Calibration, model: Model 
     return out
 
 
-def _number(x: object) -> bool:
+def _number(x: object) -> TypeGuard[float]:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 

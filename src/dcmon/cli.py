@@ -11,6 +11,7 @@ import importlib
 import logging
 import os
 import sys
+from collections.abc import Mapping
 
 from . import __version__
 from .errors import ConfigError, DcmonError
@@ -19,9 +20,11 @@ from .errors import ConfigError, DcmonError
 # stack owns its own commands.
 COMMAND_MODULES = (
     "dcmon.service_cli",  # run, simulate, check-config, status
-    "dcmon.tools",      # scan, set-address, shunt, reset-energy, read, watch, calibrate, check-accuracy
-    "dcmon.spool_cli",  # spool (depth, export, quarantine)
-    "dcmon.grafana",    # grafana-import
+    "dcmon.tools.scan",       # scan, set-address
+    "dcmon.tools.meter",      # shunt, reset-energy, read, watch
+    "dcmon.tools.calibrate",  # calibrate, check-accuracy
+    "dcmon.tools.spool",      # spool (depth, export, quarantine)
+    "dcmon.tools.grafana",    # grafana-import
     "dcmon.influx_setup",  # influx-setup
     "dcmon.outputs.http",  # http-password
 )
@@ -31,10 +34,11 @@ COMMAND_MODULES = (
 # and unknown commands build the whole tree. tests/test_cli.py checks this table against the modules.
 COMMAND_OWNERS = {
     **dict.fromkeys(("run", "check-config", "simulate", "status"), "dcmon.service_cli"),
-    **dict.fromkeys(("scan", "set-address", "shunt", "reset-energy", "read", "watch", "calibrate",
-                     "check-accuracy"), "dcmon.tools"),
-    "spool": "dcmon.spool_cli",
-    "grafana-import": "dcmon.grafana",
+    **dict.fromkeys(("scan", "set-address"), "dcmon.tools.scan"),
+    **dict.fromkeys(("shunt", "reset-energy", "read", "watch"), "dcmon.tools.meter"),
+    **dict.fromkeys(("calibrate", "check-accuracy"), "dcmon.tools.calibrate"),
+    "spool": "dcmon.tools.spool",
+    "grafana-import": "dcmon.tools.grafana",
     "influx-setup": "dcmon.influx_setup",
     "http-password": "dcmon.outputs.http",
 }
@@ -49,11 +53,11 @@ CONFIG_HELP = ("configuration file (default: $DCMON_CONFIG, else /etc/dcmon/conf
                "else ./config.toml)")
 
 
-def default_config(env: dict[str, str] | None = None) -> str:
+def default_config(env: Mapping[str, str] | None = None) -> str:
     """The configuration file to use when no --config is given (the order above). Never raises."""
-    env = os.environ if env is None else env
-    if env.get("DCMON_CONFIG"):
-        return env["DCMON_CONFIG"]
+    environ: Mapping[str, str] = os.environ if env is None else env
+    if environ.get("DCMON_CONFIG"):
+        return environ["DCMON_CONFIG"]
     try:
         os.stat(INSTALLED_CONFIG)
         return INSTALLED_CONFIG
@@ -126,9 +130,18 @@ def setup_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper()))
-    # httpx logs every request at INFO: one journal line per InfluxDB write would drown what matters.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    logging.getLogger("httpcore").setLevel(logging.WARNING)
+    quiet_libraries(level)
+
+
+# Other libraries' loggers, quieted unless the user asks for debug: httpx logs every request at INFO (one
+# journal line per InfluxDB write would drown what matters); pymodbus logs its own view of every timeout at
+# ERROR, and we report each failure once, ourselves. With --log-level debug they say everything.
+QUIETED = {"httpx": logging.WARNING, "httpcore": logging.WARNING, "pymodbus": logging.CRITICAL}
+
+
+def quiet_libraries(level: str) -> None:
+    for name, quiet in QUIETED.items():
+        logging.getLogger(name).setLevel(logging.NOTSET if level.lower() == "debug" else quiet)
 
 
 def main(argv: list[str] | None = None) -> int:

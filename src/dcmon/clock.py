@@ -190,11 +190,12 @@ class Clock:
 
     def _check(self, wall: int, mono: int) -> bool:
         offset = wall - mono
-        stepped = self._offset is not None and abs(offset - self._offset) > STEP_NS
-        if stepped and self._trusted is not None:
-            log.info("the system clock stepped by %+.1f s (now %s)", (offset - self._offset) / 1e9, format_ns(wall))
+        prev = self._offset
+        stepped = prev is not None and abs(offset - prev) > STEP_NS
+        if stepped and self._trusted is not None and prev is not None:
+            log.info("the system clock stepped by %+.1f s (now %s)", (offset - prev) / 1e9, format_ns(wall))
             self._next_probe = 0
-            if offset > self._offset:  # a forward step may be the correction rule 2 waits for
+            if offset > prev:  # a forward step may be the correction rule 2 waits for
                 self._behind = self._behind and wall < self._newest - BEHIND_TOLERANCE_NS
         self._offset = offset
         if wall < self.floor_ns:

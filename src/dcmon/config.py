@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 from . import __version__
 from .battery import BatterySettings, check_batteries
 from .errors import ConfigError
-from .models import MODELS, Model
+from .models import MODELS, Model, Register, RegType, SerialDefaults, WordType, shunt_amps
 from .schema import INTERNAL, EnvText, Invalid, Loc, is_scalar, is_table, key, keys, parse, hint, rule_of
 
 if TYPE_CHECKING:
@@ -100,10 +100,21 @@ def _api_token(v: str) -> str:
     return v
 
 
+def _model_name(v: str) -> str:
+    return v.lower().replace("-", "").replace("_", "")
+
+
 def _known_model(v: str) -> str:
-    v = v.lower().replace("-", "").replace("_", "")
-    if v not in MODELS:
-        raise Invalid("unknown model", f"use one of {', '.join(MODELS)}")
+    """A built-in model, or (checked by Config.check, which knows them) a [models.NAME] table."""
+    if not v:
+        raise Invalid("must not be empty", f"use one of {', '.join(MODELS)}")
+    return _model_name(v)
+
+
+def _known_shunt(v: int) -> int:
+    amps = shunt_amps()   # from the models' shunt codes (PZEM-017: 50, 100, 200, 300)
+    if v not in amps:
+        raise Invalid(f"must be one of {', '.join(str(a) for a in amps)}")
     return v
 
 
@@ -161,14 +172,16 @@ class SensorConfig:
     bus: str = key(min_len=1)
     address: int = key(ge=1, le=247, fix="Modbus addresses are 1 to 247")
     model: str = key("pzem017", check=_known_model)
-    shunt_a: Literal[50, 100, 200, 300] | None = None  # PZEM-017 only; None = leave the meter as it is
+    shunt_a: int | None = key(None, check=_known_shunt)  # a model with shunt codes; None = leave the meter as it is
     tags: dict[str, str] = key(factory=dict, check=_tags)
     calibration: Calibration = key(factory=Calibration)
     enabled: bool = True
 
+    custom: Model | None = field(default=None, metadata=INTERNAL, repr=False)   # from [models.NAME]
+
     @property
     def meter(self) -> Model:
-        return MODELS[self.model]
+        return self.custom or MODELS[self.model]
 
 
 @dataclass(kw_only=True)
@@ -286,6 +299,94 @@ class HttpConfig:
     settings: Any = field(default=None, metadata=INTERNAL, repr=False)   # HttpSettings, set by load()
 
 
+# ------------------------------------------------------------------ user-defined register tables
+
+MAX_BLOCK = 125   # registers one Modbus read may ask for
+
+
+@dataclass(kw_only=True)
+class FieldConfig:
+    """One value of a user-defined model: ``[[models.NAME.fields]]``."""
+
+    name: str = key(min_len=1, max_len=64, check=line_protocol_safe)
+    register: int = key(ge=0, le=0xFFFF, fix="a register address 0 to 65535 (0x0000 to 0xFFFF)")
+    type: Literal["u16", "s16", "u32", "s32", "f32", "alarm"] = "u16"
+    word_order: Literal["high_first", "low_first"] = "high_first"
+    scale: float = key(1.0, gt=0, fix="what one count is worth, e.g. 0.1 for a register in tenths")
+    unit: str = ""
+    resolution: float = key(0.0, ge=0)
+
+    def check(self) -> None:
+        if self.name in ("calibrated", "energy_reset", "time"):
+            raise Invalid(f"field name {self.name!r} is set by dcmon itself", "pick another name", loc=("name",))
+
+    @property
+    def words(self) -> int:
+        return REG_TYPES[self.type, self.word_order].words
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """A meter nobody here has seen, as a register table: ``[models.NAME]`` (docs/custom-meters.md)."""
+
+    title: str = ""                                    # for people; default: the NAME
+    measurement: str = key(min_len=1, check=line_protocol_safe)
+    function: Literal["input", "holding"] = "input"
+    baudrate: int = key(9600, choices=(1200, 2400, 4800, 9600, 14400, 19200, 38400, 57600, 115200))
+    bytesize: Literal[7, 8] = 8
+    parity: Literal["N", "E", "O"] = "N"
+    stopbits: Literal[1, 2] = 1
+    max_voltage_v: float = key(0.0, ge=0)              # 0: no range check on voltage_v / current_a
+    max_current_a: float = key(0.0, ge=0)
+    fields: list[FieldConfig] = key(factory=list)
+    name: str = field(default="", metadata=INTERNAL)   # the NAME of [models.NAME]
+
+    def check(self) -> None:
+        if not self.fields:
+            raise Invalid("has no fields", "add [[models.NAME.fields]] tables: name, register, type, scale",
+                          loc=("fields",))
+        seen: dict[str, int] = {}
+        taken: dict[int, str] = {}
+        for i, f in enumerate(self.fields):
+            if f.name in seen:
+                raise Invalid(f"field name {f.name!r} is used twice", "give each field its own name",
+                              loc=("fields", i, "name"))
+            seen[f.name] = i
+            for r in range(f.register, f.register + f.words):
+                if r in taken:
+                    raise Invalid(f"register 0x{r:04X} is already field {taken[r]!r}",
+                                  "check the register addresses against the manual", loc=("fields", i, "register"))
+                taken[r] = f.name
+        span = max(taken) - min(taken) + 1
+        if span > MAX_BLOCK:
+            raise Invalid(f"the fields span {span} registers; one Modbus read takes at most {MAX_BLOCK}",
+                          "keep the fields within 125 registers", loc=("fields",))
+
+    def model(self) -> Model:
+        """The register table, as the built-in models are written."""
+        start = min(f.register for f in self.fields)
+        end = max(f.register + f.words for f in self.fields)
+        return Model(
+            name=self.name, title=self.title or self.name, kind="dc",
+            serial=SerialDefaults(baudrate=self.baudrate, bytesize=self.bytesize, parity=self.parity,
+                                  stopbits=self.stopbits),
+            input_start=start, input_count=end - start,
+            inputs=tuple(Register(f.register, f.name, REG_TYPES[f.type, f.word_order], f.scale, unit=f.unit,
+                                  resolution=f.resolution) for f in self.fields),
+            has_reset_energy=False, max_current_a=self.max_current_a, max_voltage_v=self.max_voltage_v,
+            function=self.function, measurement=self.measurement)
+
+
+REG_TYPES: dict[tuple[str, str], WordType] = {
+    ("u16", "high_first"): RegType.U16, ("u16", "low_first"): RegType.U16,
+    ("s16", "high_first"): RegType.S16, ("s16", "low_first"): RegType.S16,
+    ("alarm", "high_first"): RegType.ALARM_U16, ("alarm", "low_first"): RegType.ALARM_U16,
+    ("u32", "high_first"): RegType.U32_HIGH_WORD_FIRST, ("u32", "low_first"): RegType.U32_LOW_WORD_FIRST,
+    ("s32", "high_first"): RegType.S32_HIGH_WORD_FIRST, ("s32", "low_first"): RegType.S32_LOW_WORD_FIRST,
+    ("f32", "high_first"): RegType.F32_HIGH_WORD_FIRST, ("f32", "low_first"): RegType.F32_LOW_WORD_FIRST,
+}
+
+
 def _bits_per_char(b: BusConfig, stopbits: int) -> int:
     return 1 + b.bytesize + (b.parity != "N") + stopbits
 
@@ -300,6 +401,7 @@ class Config:
     http: HttpConfig = key(factory=HttpConfig)
     buses: dict[str, BusConfig] = key(factory=dict)
     sensors: list[SensorConfig] = key(factory=list)
+    models: dict[str, ModelConfig] = key(factory=dict)   # user-defined register tables
     batteries: list[BatterySettings] = key(factory=list)  # [[batteries]]: dcmon.battery, docs/battery.md
 
     # where it came from (not part of the file format)
@@ -309,6 +411,13 @@ class Config:
     source_of: Callable[[Loc], str] = field(default=lambda loc: "", metadata=INTERNAL, repr=False)
 
     def check(self) -> None:
+        custom = self._custom_models()
+        for i, s in enumerate(self.sensors):
+            if s.model in custom:
+                s.custom = custom[s.model]
+            elif s.model not in MODELS:
+                raise Invalid("unknown model", f"use one of {', '.join([*MODELS, *custom])}, or define it in a "
+                              f"[models.{s.model}] table", loc=("sensors", i, "model"))
         for name, bus in self.buses.items():
             bus.name = name
             try:
@@ -331,6 +440,9 @@ class Config:
             used.add((s.bus, s.address))
             if s.shunt_a is not None and not s.meter.shunt_codes:
                 raise Invalid(f"{s.meter.title} has no shunt setting", "remove shunt_a for this sensor", loc=("sensors", i, "shunt_a"))
+            if s.shunt_a is not None and s.shunt_a not in s.meter.shunt_codes:
+                raise Invalid(f"the {s.meter.title} has shunt codes for {', '.join(map(str, s.meter.shunt_amps_set))} A only",
+                              "use one of those", loc=("sensors", i, "shunt_a"))
         for name, bus in self.buses.items():
             on_bus = [s for s in self.sensors if s.bus == name]
             stop = {s.meter.serial.stopbits for s in on_bus}
@@ -342,6 +454,18 @@ class Config:
                               "remove stopbits to use the meters' own framing", loc=("buses", name, "stopbits"))
             self._check_timing(name, bus, [s.meter for s in on_bus] or list(MODELS.values()))
         check_batteries(self.batteries, [s.name for s in self.sensors])
+
+    def _custom_models(self) -> dict[str, Model]:
+        out: dict[str, Model] = {}
+        for name, m in self.models.items():
+            if _model_name(name) in MODELS:
+                raise Invalid(f"{name!r} is a built-in model", "give the table another name", loc=("models", name))
+            if _model_name(name) != name:
+                raise Invalid("must be lower case letters and digits", f"name it [models.{_model_name(name)}]",
+                              loc=("models", name))
+            m.name = name
+            out[name] = m.model()
+        return out
 
     def _check_timing(self, name: str, b: BusConfig, models: list[Model]) -> None:
         """What a real RS485 line needs at this baud rate: Modbus RTU's 3.5-character silence between frames
@@ -425,7 +549,7 @@ class Config:
             except FileNotFoundError:
                 folder = folder.parent
             except (NotADirectoryError, PermissionError) as e:
-                fail(f"{folder}: {e.strerror.lower()} for user {user}")
+                fail(f"{folder}: {(e.strerror or str(e)).lower()} for user {user}")
         if not stat.S_ISDIR(st.st_mode):
             fail(f"{folder} is a file, not a folder", "fix spool.path")
         if not os.access(folder, os.W_OK | os.X_OK):

@@ -3,15 +3,22 @@ and, where we know it, what to do about it. Nothing below is ever shown as a tra
 
     DcmonError
     ├── ConfigError        file, key, problem, fix                       → exit status 2
+    ├── UsageError         the command line does not say enough, or a value is out of range before any I/O
+    │                      (bench commands: exit status 2)
     ├── BusError           the line failed: port busy/no permission, bad CRC, foreign frame
     │   ├── PortNotFound   the serial port does not exist
-    │   └── NoResponse     nothing (valid) came back before the timeout
+    │   ├── NoResponse     nothing (valid) came back before the timeout
+    │   └── MultipleMeters more than one meter answers where exactly one must (the general address)
     ├── DeviceError        the meter answered, but with an exception code, or a write did not read back
-    └── SinkError          the database refused or could not be reached
-        ├── SinkPermanent  400: the lines are bad; retrying will not help (quarantine them)
-        ├── SinkAuth       401/403/404: credentials, org, bucket or database wrong: keep data, alert
-        ├── SinkTooLarge   413: split the batch
-        └── SinkRetryable  429/5xx/connection errors: back off and retry
+    ├── CalibrationError   the reference points cannot give a sensible calibration
+    ├── SpoolError         the spool file cannot be used at all
+    ├── SinkError          the database refused or could not be reached
+    │   ├── SinkPermanent  400: the lines are bad; retrying will not help (quarantine them)
+    │   ├── SinkAuth       401/403/404: credentials, org, bucket or database wrong: keep data, alert
+    │   ├── SinkTooLarge   413: split the batch
+    │   └── SinkRetryable  429/5xx/connection errors: back off and retry
+    ├── SetupError         influx-setup: InfluxDB could not be reached, or refused a statement
+    └── GrafanaError       grafana-import: Grafana could not be reached, or refused a request
 """
 
 from __future__ import annotations
@@ -32,6 +39,11 @@ class ConfigError(DcmonError):
         super().__init__(text)
 
 
+class UsageError(DcmonError):
+    """The command line does not say enough (or says contradictory things), or a value is outside what the
+    meter accepts, found before anything is sent: exit status 2 in the bench commands."""
+
+
 class BusError(DcmonError):
     """The serial line failed: the port, the framing, the CRC. Says which bus (and meter)."""
 
@@ -47,6 +59,10 @@ class PortNotFound(BusError):
 class NoResponse(BusError):
     """Nothing valid came back in time. Most often: A/B swapped, no 5 V on the meter's RS485 side,
     wrong stop bits, wrong address."""
+
+
+class MultipleMeters(BusError):
+    """More than one meter answers where exactly one must (the general address)."""
 
 
 class DeviceError(DcmonError):
@@ -91,3 +107,19 @@ class SinkTooLarge(SinkError):
 
 class SinkRetryable(SinkError):
     """429, 5xx, timeouts and connection errors: try again later (honour retry_after when set)."""
+
+
+class CalibrationError(DcmonError):
+    """The reference points cannot give a sensible calibration (says why and what to do)."""
+
+
+class SpoolError(DcmonError):
+    """The spool file cannot be used at all (directory not writable, not a spool file)."""
+
+
+class SetupError(DcmonError):
+    """InfluxDB could not be reached, or refused a statement."""
+
+
+class GrafanaError(DcmonError):
+    """Grafana could not be reached, or refused a request."""

@@ -39,13 +39,14 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
 from .config import Config, InfluxConfig, load
-from .errors import ConfigError, DcmonError, SinkError
+from .errors import ConfigError, SetupError, SinkError
 from .outputs.influx import InfluxSink
 
 log = logging.getLogger(__name__)
@@ -60,10 +61,6 @@ MINUTE_NS, HOUR_NS, DAY_NS = 60 * 10**9, 3600 * 10**9, 86400 * 10**9
 CHUNK_NS = 7 * DAY_NS
 OVERLAP_NS = 7 * DAY_NS           # downsampling by hand: a step across a gap up to this long at a chunk's start
 CQ_PREFIX = "dcmon_"
-
-
-class SetupError(DcmonError):
-    """InfluxDB could not be reached, or refused a statement."""
 
 
 def q(name: str) -> str:
@@ -216,7 +213,7 @@ def _rp_line(name: str, days: float, rp: dict | None) -> str | None:
 
 def _duration_ns(text: str) -> int:
     """InfluxDB's SHOW RETENTION POLICIES duration, e.g. '2160h0m0s'; '0s' = forever."""
-    total, num = 0, ""
+    total, num = 0.0, ""
     units = {"h": 3600, "m": 60, "s": 1}
     for ch in text:
         if ch.isdigit() or ch == ".":
@@ -227,7 +224,7 @@ def _duration_ns(text: str) -> int:
     return int(total)
 
 
-def setup(cfg: Config, api: Influx, *, say=print) -> Plan:
+def setup(cfg: Config, api: Influx, *, say: Callable[[str], None] = print) -> Plan:
     """Make everything; return the plan. Each change is said in one line; nothing to do says so."""
     ix = cfg.influxdb
     db = q(ix.database)

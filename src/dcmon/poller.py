@@ -128,7 +128,7 @@ class SensorState:
         self.next_try = now + self.backoff_s
         return started
 
-    def backoff_status(self, now: float) -> dict[str, object]:
+    def backoff_status(self, now: float) -> dict[str, float]:
         """The back-off as `dcmon status` shows it."""
         backing_off = bool(self.backoff_s) and not self._answered_since_failure()
         return {"fails_in_row": self.fails_in_row if not self._answered_since_failure() else 0,
@@ -182,18 +182,23 @@ def is_plausible(model: Model, v: dict[str, FieldValue], state: SensorState | No
                  now: float | None = None) -> str:
     """Empty string if the values are possible for this model, else the reason. With ``state`` (and ``now``,
     monotonic) the energy counter is also checked against the last accepted reading (SensorState.check_counter);
-    without, only against the register's maximum."""
-    volt, amp, watt = float(v["voltage_v"]), float(v["current_a"]), float(v["power_w"])
-    if volt > model.max_voltage_v * 1.2 or amp > model.max_current_a * 1.2:
-        return f"{volt:g} V / {amp:g} A is outside the {model.title}'s range"
-    pf = float(v.get("power_factor", 1.0)) or 1.0
-    expected = volt * amp * (pf if model.kind == "ac" else 1.0)
-    if abs(watt - expected) > 0.10 * expected + 2.0 + 0.02 * (volt + amp):
-        return f"power {watt:g} W does not match V × I = {expected:.1f} W"
+    without, only against the register's maximum. A check whose fields the model lacks (a user-defined
+    table without power, or without a maximum) is skipped."""
+    if "voltage_v" in v and "current_a" in v:
+        volt, amp = float(v["voltage_v"]), float(v["current_a"])
+        if model.max_voltage_v and model.max_current_a and (volt > model.max_voltage_v * 1.2
+                                                            or amp > model.max_current_a * 1.2):
+            return f"{volt:g} V / {amp:g} A is outside the {model.title}'s range"
+        if "power_w" in v:
+            watt = float(v["power_w"])
+            pf = float(v.get("power_factor", 1.0)) or 1.0   # a DC meter has none: 1
+            expected = volt * amp * pf
+            if abs(watt - expected) > 0.10 * expected + 2.0 + 0.02 * (volt + amp):
+                return f"power {watt:g} W does not match V × I = {expected:.1f} W"
     if "energy_wh" not in v:
         return ""
     energy = float(v["energy_wh"])
-    if state is not None:
+    if state is not None and model.max_voltage_v and model.max_current_a:
         return state.check_counter(model, energy, time.monotonic() if now is None else now)
     top = counter_max(model)
     if top is not None and energy >= top:
@@ -324,11 +329,13 @@ class Poller:
             log.warning("%s: implausible reading discarded: %s", who, why)
             return None
         values = apply_calibration(values, s.calibration, s.meter)
-        energy = float(values["energy_wh"])
-        reset = st.last_energy is not None and energy < st.last_energy
-        if reset:
-            log.info("%s: energy counter went from %g to %g Wh: counted as a reset", who, st.last_energy, energy)
-        st.last_energy = energy
+        reset = False
+        if "energy_wh" in values:   # a user-defined table may have no energy counter
+            energy = float(values["energy_wh"])
+            reset = st.last_energy is not None and energy < st.last_energy
+            if reset:
+                log.info("%s: energy counter went from %g to %g Wh: counted as a reset", who, st.last_energy, energy)
+            st.last_energy = energy
         st.last_values, st.last_time_ns = values, now_ns
         return self.make_reading(s, values, now_ns, energy_reset=reset)
 
@@ -348,7 +355,7 @@ class Poller:
         if got is None:
             tags = {"sensor": s.name, "model": s.model, "address": str(s.address), "bus": s.bus, "host": self.host, **s.tags}
             ix = self.cfg.influxdb
-            measurement = ix.measurement if s.meter.kind == "dc" else ix.measurement_ac
+            measurement = s.meter.measurement or (ix.measurement if s.meter.kind == "dc" else ix.measurement_ac)
             got = self._heads[s.name] = (measurement, tags, encode_head(measurement, tags))
         return got
 
@@ -456,7 +463,7 @@ class Poller:
         bus = self.buses.get(st.cfg.bus)
         ls = bus.line_stats(st.cfg.address) if bus is not None else None
         return {"bad_frames": ls.bad_frames if ls else 0, "resyncs": ls.resyncs if ls else 0,
-                "backoff_s": float(st.backoff_status(time.monotonic())["backoff_s"])}  # type: ignore[arg-type]
+                "backoff_s": float(st.backoff_status(time.monotonic())["backoff_s"])}
 
     def _line_status(self, st: SensorState) -> dict[str, object]:
         """Back-off and line counters of one meter, for `dcmon status`."""

@@ -70,7 +70,7 @@ def simulated_meters(sensors: list[SensorConfig], *, steady: bool = False, shunt
     the matching shunt code, unless ``shunt_code`` says which code it has instead (an uncommissioned meter)."""
     from .simulator import meters_for
 
-    meters = meters_for([(s.model, s.address) for s in sensors], steady=steady)
+    meters = meters_for([(s.meter, s.address) for s in sensors], steady=steady)
     for m, s in zip(meters, sensors):
         if m.model.shunt_codes:
             if s.shunt_a:

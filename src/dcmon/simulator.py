@@ -39,6 +39,7 @@ import tty
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 from pymodbus.framer.rtu import FramerRTU
 
@@ -89,7 +90,7 @@ class LineFaults:
             self.foreign = None if spec["foreign"] is None else int(spec["foreign"])  # type: ignore[call-overload]
         if "truncate" in spec:
             self.truncate = int(spec["truncate"] or 0)  # type: ignore[call-overload]
-        for g in spec.get("garbage", []) or []:  # type: ignore[union-attr]
+        for g in cast("list[object]", spec.get("garbage") or []):
             self.garbage.append(bytes.fromhex(str(g)))
         return self
 
@@ -128,17 +129,9 @@ class SimMeter:
     steady: bool = False           # true values stay at base_voltage_v / base_current_a (no wander, no noise)
 
     def __post_init__(self) -> None:
-        if not self.holding:
+        if not self.holding:   # the model's power-up values (the address register: this meter's address)
             for s in self.model.settings:
-                self.holding[s.address] = 0
-            if self.model.kind == "dc":
-                self.holding[0x0000] = 30000   # 300 V
-                self.holding[0x0001] = 700     # 7 V
-            else:
-                self.holding[0x0001] = 23000
-            self.holding[0x0002] = self.address
-            if self.model.shunt_codes:
-                self.holding[0x0003] = self.model.shunt_codes[100]  # factory default: 100 A
+                self.holding[s.address] = self.address if s.default is None else round(s.default / s.scale)
         self._t0 = time.monotonic()
         self._last = self._t0
         self._rng = random.Random(self.seed or self.address)
@@ -153,37 +146,51 @@ class SimMeter:
         if self.drive is not None:
             return self.drive.values(self, now)
         t = now - self._t0
-        kind = self.model.kind
         if self.steady:
             v, true_i = self.base_voltage_v, self.base_current_a
         else:
             v = self.base_voltage_v * (1 + 0.02 * math.sin(t / 37 + self._phase)) + self._rng.uniform(-0.01, 0.01)
             true_i = max(0.0, self.base_current_a * (1 + 0.5 * math.sin(t / 23 + self._phase)) + self._rng.uniform(-0.02, 0.02))
         i = true_i
-        if self.model.shunt_codes:
+        i = true_i
+        if (range_a := self.range_a()) is not None:
             # the meter measures shunt millivolts and scales them by the range it was told
-            range_a = self.model.shunt_amps(self.holding.get(0x0003, 0)) or 100
             i = true_i * range_a / self.true_shunt_a
         i = min(i, self.model.max_current_a)
         v = min(max(v, 0.0), self.model.max_voltage_v)
-        res_v = self.model.inputs[0].scale
+        res_v = _resolution(self.model, "voltage_v")
         v = round(v / res_v) * res_v
-        res_i = next(r.scale for r in self.model.inputs if r.name == "current_a")
+        res_i = _resolution(self.model, "current_a")
         i = round(i / res_i) * res_i
         p = v * i
         self.energy_wh += p * max(0.0, now - self._last) / 3600.0
         self._last = now
         vals: dict[str, float | bool] = {"voltage_v": v, "current_a": i, "power_w": p, "energy_wh": math.floor(self.energy_wh)}
-        if kind == "dc":
-            vals["high_voltage_alarm"] = v > self.holding.get(0x0000, 30000) * 0.01
-            vals["low_voltage_alarm"] = v < self.holding.get(0x0001, 700) * 0.01
-        else:
-            vals["frequency_hz"] = 50.0
-            vals["power_factor"] = 1.0
-            vals["power_alarm"] = p > self.holding.get(0x0001, 23000)
+        self.complete(vals)
         if self.boot_garbage_s and t < self.boot_garbage_s:
             vals = {k: (x if isinstance(x, bool) else self._rng.uniform(0, 600)) for k, x in vals.items()}
         return vals
+
+    def range_a(self) -> int | None:
+        """The range the meter was told (its shunt code, in rated amps); None for a model without one."""
+        s = self.model.shunt_setting
+        if s is None:
+            return None
+        return self.model.shunt_amps(self.holding.get(s.address, 0)) or 100
+
+    def complete(self, vals: dict[str, float | bool]) -> None:
+        """The model's other fields: an AC meter's frequency and power factor, and each alarm from its
+        threshold register (the model's settings name which field each one drives)."""
+        names = self.model.field_names
+        if "frequency_hz" in names:
+            vals["frequency_hz"] = 50.0
+        if "power_factor" in names:
+            vals["power_factor"] = 1.0
+        for s in self.model.settings:
+            if s.alarm:
+                limit = self.holding.get(s.address, 0) * s.scale
+                q = float(vals[s.of])
+                vals[s.alarm] = q > limit if s.above else q < limit
 
     def input_words(self) -> list[int]:
         return encode(self.model, self.values())
@@ -191,7 +198,7 @@ class SimMeter:
     # ---------------------------------------------------------------------------- requests
     def handle(self, fc: int, data: bytes, addr_used: int) -> bytes | None:
         """Return the PDU of the reply (function code + data), or None for no reply."""
-        if fc == 0x04:
+        if fc == (0x03 if self.model.function == "holding" else 0x04):
             start, count = struct.unpack(">HH", data[:4])
             if count < 1 or start < self.model.input_start or start + count > self.model.input_start + self.model.input_count:
                 return bytes([fc | 0x80, 0x02])
@@ -238,22 +245,22 @@ class Drive:
             meter.energy_wh += max(0.0, wh - self._last_wh)   # the meter's own counter: reset to 0 by 0x42
         self._last_wh = wh
         model = meter.model
-        if model.shunt_codes:
-            range_a = model.shunt_amps(meter.holding.get(0x0003, 0)) or 100
+        if (range_a := meter.range_a()) is not None:
             i = i * range_a / meter.true_shunt_a
         i = min(max(i, 0.0), model.max_current_a)
         v = min(max(v, 0.0), model.max_voltage_v)
-        res_v = model.inputs[0].scale
-        res_i = next(r.scale for r in model.inputs if r.name == "current_a")
+        res_v = _resolution(model, "voltage_v")
+        res_i = _resolution(model, "current_a")
         v, i = round(v / res_v) * res_v, round(i / res_i) * res_i
         vals: dict[str, float | bool] = {"voltage_v": v, "current_a": i, "power_w": v * i,
                                          "energy_wh": math.floor(meter.energy_wh)}
-        if model.kind == "dc":
-            vals["high_voltage_alarm"] = v > meter.holding.get(0x0000, 30000) * 0.01
-            vals["low_voltage_alarm"] = v < meter.holding.get(0x0001, 700) * 0.01
-        else:
-            vals.update(frequency_hz=50.0, power_factor=1.0, power_alarm=v * i > meter.holding.get(0x0001, 23000))
+        meter.complete(vals)
         return vals
+
+
+def _resolution(model: Model, name: str) -> float:
+    reg = model.register(name)
+    return reg.step if reg else 0.01
 
 
 def request_length(buf: bytes) -> int | None:
@@ -436,13 +443,13 @@ class Simulator:
             pass
 
 
-def meters_for(sensors: list[tuple[str, int]], **kw: object) -> list[SimMeter]:
-    """SimMeters for (model name, address) pairs, with varied base values so that each looks different."""
+def meters_for(sensors: list[tuple[str | Model, int]], **kw: object) -> list[SimMeter]:
+    """SimMeters for (model or model name, address) pairs, with varied base values so that each looks different."""
     out = []
     for i, (model, address) in enumerate(sensors):
-        m = MODELS[model]
-        base_v = 13.2 if m.kind == "dc" else 230.0
-        base_i = (8.0 + 3 * i) if m.kind == "dc" else 1.5 + i
+        m = MODELS[model] if isinstance(model, str) else model
+        base_v = m.sim.voltage_v
+        base_i = m.sim.current_a + m.sim.current_step_a * i
         if m.max_current_a and base_i > m.max_current_a / 2:
             base_i = m.max_current_a / 3
         out.append(SimMeter(model=m, address=address, base_voltage_v=base_v * (1 + 0.01 * i), base_current_a=base_i,

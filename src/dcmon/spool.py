@@ -56,13 +56,15 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
-from .errors import DcmonError
+from .errors import SpoolError
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from .clock import Clock
@@ -91,10 +93,6 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 """
 # Added after schema 1 (created on open when missing: no migration needed, older versions ignore it)
 _HELD = "CREATE TABLE IF NOT EXISTS held (id INTEGER PRIMARY KEY, mono_ns INTEGER NOT NULL, boot TEXT NOT NULL, line TEXT NOT NULL)"
-
-
-class SpoolError(DcmonError):
-    """The spool file cannot be used at all (directory not writable, not a spool file)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,7 +278,7 @@ class Spool:
         log.warning("spool %s was unusable (%s): moved it to %s and started an empty spool "
                     "(to salvage readings from it: sqlite3 %s .recover)", p, why, dest, dest)
 
-    def _call(self, fn):  # type: ignore[no-untyped-def]
+    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run fn(db) under the lock; on corruption, move the file aside, reopen and run fn once more."""
         with self._lock:
             if self._db is None:
@@ -815,7 +813,7 @@ class Spool:
 
     def _meta_int(self, key: str) -> int:
         v = self._meta(key)
-        return int(v) if v is not None else 0
+        return int(str(v)) if v is not None else 0
 
     def count(self) -> int:
         """The exact queue depth (a full count; ``stats().depth`` is a maintained counter)."""

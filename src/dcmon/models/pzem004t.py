@@ -22,7 +22,7 @@ The metering chip is powered from the AC side: with no mains the meter does not 
 
 from __future__ import annotations
 
-from .base import Model, Register, RegType, SerialDefaults, Setting
+from .base import ADDRESS, Model, Register, RegType, SerialDefaults, Setting, SimBase
 
 _AC_SERIAL = SerialDefaults(baudrate=9600, bytesize=8, parity="N", stopbits=1)  # 8N1
 
@@ -38,8 +38,9 @@ _AC_INPUTS = (
 )
 
 _AC_SETTINGS = (
-    Setting(0x0001, "power_alarm_w", 1, 0, 23000, "power alarm threshold (W)"),
-    Setting(0x0002, "address",       1, 1, 247,   "Modbus address"),
+    Setting(0x0001, "power_alarm_w", 1, 0, 23000, "power alarm threshold (W)",
+            default=23000, alarm="power_alarm", of="power_w", above=True),
+    Setting(0x0002, ADDRESS,         1, 1, 247,   "Modbus address", default=None),
 )
 
 
@@ -55,6 +56,8 @@ def _ac(name: str, title: str, max_current_a: float) -> Model:
         settings=_AC_SETTINGS,
         max_current_a=max_current_a,
         max_voltage_v=260.0,
+        family="PZEM-004T/014/016 (AC)",   # one family: scan cannot tell them apart
+        sim=SimBase(voltage_v=230.0, current_a=1.5, current_step_a=1.0),
     )
 
 

@@ -23,7 +23,7 @@ One manual table says 0.01 W / 0.01 Wh; its own worked example and every impleme
 
 from __future__ import annotations
 
-from .base import Model, Register, RegType, SerialDefaults, Setting
+from .base import ADDRESS, SHUNT, Model, Register, RegType, SerialDefaults, Setting, SimBase
 
 _DC_SERIAL = SerialDefaults(baudrate=9600, bytesize=8, parity="N", stopbits=2)  # 8N2
 
@@ -39,10 +39,14 @@ _DC_INPUTS = (
 
 #            address  name                       scale   min    max
 _DC_SETTINGS = (
-    Setting(0x0000, "high_voltage_alarm_v", 0.01, 5.0, 350.0, "high-voltage alarm threshold (default 300 V)"),
-    Setting(0x0001, "low_voltage_alarm_v",  0.01, 1.0, 350.0, "low-voltage alarm threshold (default 7 V)"),
-    Setting(0x0002, "address",              1,    1,   247,   "Modbus address"),
+    Setting(0x0000, "high_voltage_alarm_v", 0.01, 5.0, 350.0, "high-voltage alarm threshold (default 300 V)",
+            default=300.0, alarm="high_voltage_alarm", of="voltage_v", above=True),
+    Setting(0x0001, "low_voltage_alarm_v",  0.01, 1.0, 350.0, "low-voltage alarm threshold (default 7 V)",
+            default=7.0, alarm="low_voltage_alarm", of="voltage_v", above=False),
+    Setting(0x0002, ADDRESS,                1,    1,   247,   "Modbus address", default=None),
 )
+_DC_FAMILY = "PZEM-003/017 (DC)"   # what scan says before the shunt register tells the two apart
+_DC_SIM = SimBase(voltage_v=13.2, current_a=8.0, current_step_a=3.0)
 
 # Current range register 0x0003 (PZEM-017 only), per the manual: 0 = 100 A (factory), 1 = 50 A,
 # 2 = 200 A, 3 = 300 A. One popular firmware maps these the other way round; the manual and several
@@ -57,10 +61,13 @@ PZEM017 = Model(
     input_start=0x0000,
     input_count=8,
     inputs=_DC_INPUTS,
-    settings=_DC_SETTINGS + (Setting(0x0003, "current_range", 1, 0, 3, "shunt code: 0=100A 1=50A 2=200A 3=300A"),),
+    settings=_DC_SETTINGS + (Setting(0x0003, SHUNT, 1, 0, 3, "shunt code: 0=100A 1=50A 2=200A 3=300A",
+                                     default=SHUNT_CODES[100]),),  # factory default: 100 A
     shunt_codes=SHUNT_CODES,
     max_current_a=300.0,
     max_voltage_v=300.0,
+    family=_DC_FAMILY,
+    sim=_DC_SIM,
 )
 
 PZEM003 = Model(
@@ -74,4 +81,6 @@ PZEM003 = Model(
     settings=_DC_SETTINGS,  # internal 10 A shunt: no range register
     max_current_a=10.0,
     max_voltage_v=300.0,
+    family=_DC_FAMILY,
+    sim=_DC_SIM,
 )

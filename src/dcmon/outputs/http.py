@@ -727,7 +727,7 @@ class HttpOutput:
         self.healthy = healthy
         self._store = _Store(host or socket.gethostname())
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(DcmonCollector(self._store, self._safe_status))   # type: ignore[arg-type]
+        self.registry.register(DcmonCollector(self._store, self._safe_status))
         ProcessCollector(registry=self.registry)
         self.page = _page_html() if settings.page else b""
         self._clients: set[_Client] = set()
@@ -757,9 +757,9 @@ class HttpOutput:
     def url(self) -> str:
         if self._server is None:
             return ""
-        host, port = self._server.server_address[:2]
-        name = host.decode() if isinstance(host, bytes) else str(host)
-        return f"http://[{name}]:{port}" if ":" in name else f"http://{name}:{port}"
+        addr, port = self._server.server_address[:2]
+        host = addr.decode() if isinstance(addr, bytes) else str(addr)
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def start(self) -> HttpOutput:
         host, port = self.settings.address

@@ -18,15 +18,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import config as config_mod
-from .bus import Bus
-from .calibration import (
+from .. import config as config_mod
+from ..bus import Bus
+from ..calibration import (
     SPEC_PERCENT,
-    CalibrationError,
     Fit,
     calibration_from,
     defining_file,
@@ -35,11 +33,11 @@ from .calibration import (
     point_error,
     save_calibration,
 )
-from .config import Calibration
-from .errors import ConfigError
-from .meter import read_values
-from .tools import Target, UsageError, note, resolve, say
-from .helptext import Formatter
+from ..config import Calibration
+from ..errors import CalibrationError, ConfigError, UsageError
+from ..helptext import Formatter
+from ..meter import read_values
+from .target import Target, handler, meter_parser, note, resolve, say, target_parser
 
 MAX_POINTS = 5
 QUANTITIES = (("voltage", "voltage_v", "V"), ("current", "current_a", "A"))
@@ -256,8 +254,9 @@ def cmd_check_accuracy(args: argparse.Namespace) -> int:
     return 1
 
 
-def add_commands(subparsers: Any, common: argparse.ArgumentParser, target: argparse.ArgumentParser,
-                 meter: argparse.ArgumentParser, handler: Callable[[Any], Any]) -> None:
+def add_commands(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    target, meter = target_parser(), meter_parser()
+
     def points(p: argparse.ArgumentParser) -> None:
         p.add_argument("--point", action="append", type=parse_point, metavar="V,I[=PV,PI]",
                        help="a reference reading (volts,amps; leave one empty to skip it); the PZEM is read now, "

@@ -25,17 +25,13 @@ from typing import Any
 
 import httpx
 
-from .config import Config, load
-from .errors import ConfigError, DcmonError
-from .helptext import Formatter
+from ..config import Config, load
+from ..errors import ConfigError, GrafanaError
+from ..helptext import Formatter
 
 
 DS_UID = "dcmon-influxdb"        # grafana/provisioning/datasources/dcmon.yaml pins the same uid
 DS_NAME = "dcmon InfluxDB"
-
-
-class GrafanaError(DcmonError):
-    """Grafana could not be reached, or refused a request."""
 
 
 def dashboard_dirs() -> list[Path]:

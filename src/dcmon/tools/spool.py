@@ -13,12 +13,13 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
-from . import config as config_mod
-from .errors import DcmonError
-from .spool import Spool, SpoolError
-from .helptext import Formatter
+from .. import config as config_mod
+from ..errors import DcmonError
+from ..errors import SpoolError
+from ..spool import Spool
+from ..helptext import Formatter
 
 
 def _ex(*lines: str) -> str:
@@ -159,7 +160,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"quarantined  {st.quarantined}" + ("  (dcmon spool quarantine list)" if st.quarantined else ""))
     print(f"last error   {st.last_error or '-'}")
     for name, o in others.items():
-        print(f"{name + ' spool':<12} {o['path']}: " + (f"{o['depth']} queued, oldest {_when(o['oldest_time_ns'])}, "
+        oldest = o.get("oldest_time_ns")
+        print(f"{name + ' spool':<12} {o['path']}: " + (f"{o['depth']} queued, oldest {_when(oldest if isinstance(oldest, int) else None)}, "
               f"{o['dropped_total']} dropped" if o.get("exists") else "none yet"))
     return 0
 
@@ -186,6 +188,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if sp is None:
         return 0
     n = 0
+    out: TextIO
     with sp, contextlib.ExitStack() as stack:
         if args.output:
             try:

@@ -1,0 +1,223 @@
+"""``dcmon read``, ``watch``, ``shunt get|set`` and ``reset-energy``: one meter's values and settings."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from ..bus import Bus
+from ..calibration import apply_calibration
+from ..errors import DcmonError, DeviceError, UsageError
+from ..helptext import Formatter
+from ..meter import read_shunt, read_shunt_code, read_values, set_shunt
+from ..models import FieldValue, shunt_amps
+from .target import (
+    STOP_FIRST, Target, examples, format_block, format_value, handler, meter_parser, note, positive, resolve, say,
+    target_parser,
+)
+
+
+# ---------------------------------------------------------------------------------------- shunt
+
+def _config_shunt_note(t: Target, amps: int | None) -> None:
+    if t.sensor and t.sensor.shunt_a is not None and t.sensor.shunt_a != amps:
+        note(f"note: the config says shunt_a = {t.sensor.shunt_a} for sensor {t.sensor.name!r}; make them agree "
+             f"(with poller.apply_shunt_codes = true the poller writes the config's value to the meter)")
+
+
+def cmd_shunt_get(args: argparse.Namespace) -> int:
+    t = resolve(args, need_address=True)
+    assert t.address is not None
+    with Bus(t.settings) as bus:
+        amps = read_shunt(bus, t.model, t.address)
+        if amps is None:
+            code = read_shunt_code(bus, t.model, t.address)
+            known = sorted(t.model.shunt_codes.values())
+            say(f"{t.where()}: unknown shunt code {code} (expected {known[0]}-{known[-1]}); set it with "
+                f"dcmon shunt set --amps A")
+            return 1
+    say(f"{t.where()}: shunt code {amps} A (75 mV shunt rated {amps} A)")
+    _config_shunt_note(t, amps)
+    return 0
+
+
+def cmd_shunt_set(args: argparse.Namespace) -> int:
+    t = resolve(args, need_address=True)
+    assert t.address is not None
+    with Bus(t.settings) as bus:
+        before = read_shunt(bus, t.model, t.address)
+        changed = set_shunt(bus, t.model, t.address, args.amps)
+    if changed:
+        was = f"{before} A" if before is not None else "an unknown code"
+        say(f"{t.where()}: shunt code set to {args.amps} A (was {was}); read back: OK")
+    else:
+        say(f"{t.where()}: shunt code is already {args.amps} A; nothing written")
+    _config_shunt_note(t, args.amps)
+    return 0
+
+
+# --------------------------------------------------------------------------------- reset-energy
+
+def confirm(question: str) -> bool:
+    """Ask on the terminal; anything but y/yes is no."""
+    sys.stderr.write(question)
+    sys.stderr.flush()
+    answer = sys.stdin.readline()
+    return answer.strip().lower() in ("y", "yes")
+
+
+def cmd_reset_energy(args: argparse.Namespace) -> int:
+    t = resolve(args, need_address=True)
+    assert t.address is not None
+    if not args.yes and not sys.stdin.isatty():
+        raise UsageError("refusing to reset the energy counter without confirmation: not run from a terminal; "
+                         "add --yes to confirm")
+    with Bus(t.settings) as bus:
+        before = float(read_values(bus, t.model, t.address)["energy_wh"])
+        if not args.yes and not confirm(f"Reset the energy counter of {t.where()} (now {before:.0f} Wh)? "
+                                        f"This cannot be undone. [y/N] "):
+            note("cancelled: the energy counter was not reset")
+            return 1
+        bus.reset_energy(t.address)
+        after = float(read_values(bus, t.model, t.address)["energy_wh"])
+    if before > 0 and after >= before:
+        raise DeviceError(f"{t.where()}: the meter acknowledged the reset but still reads {after:.0f} Wh",
+                          bus=t.settings.name, address=t.address)
+    say(f"{t.where()}: energy counter reset (was {before:.0f} Wh, now {after:.0f} Wh)")
+    return 0
+
+
+# ----------------------------------------------------------------------------------- read, watch
+
+def _calibrated(t: Target, values: dict[str, FieldValue]) -> dict[str, FieldValue] | None:
+    if t.sensor is None or t.sensor.calibration.is_identity:
+        return None
+    return apply_calibration(values, t.sensor.calibration, t.model)
+
+
+def _title(t: Target) -> str:
+    return f"{t.model.title}, {t.where()}"
+
+
+def cmd_read(args: argparse.Namespace) -> int:
+    t = resolve(args, need_address=True)
+    assert t.address is not None
+    with Bus(t.settings) as bus:
+        values = read_values(bus, t.model, t.address)
+    cal = _calibrated(t, values)
+    if args.json:
+        out: dict[str, Any] = {"bus": t.settings.name, "address": t.address, "model": t.model.name,
+                               "sensor": t.sensor.name if t.sensor else None, "values": values}
+        if cal is not None:
+            out["calibrated"] = cal
+        say(json.dumps(out))
+        return 0
+    say(_title(t))
+    for line in format_block(t.model, values, cal):
+        say(line)
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    """Live values, redrawn in place on a terminal (a line per reading elsewhere), until Ctrl-C (exit 0)."""
+    t = resolve(args, need_address=True)
+    assert t.address is not None
+    tty = sys.stdout.isatty()
+    drawn = 0
+    n = 0
+    try:
+        with Bus(t.settings) as bus:
+            next_at = time.monotonic()
+            while args.count is None or n < args.count:
+                stamp = time.strftime("%H:%M:%S")
+                try:
+                    values = read_values(bus, t.model, t.address)
+                    cal = _calibrated(t, values)
+                    shown = cal or values
+                    if tty:
+                        lines = [f"{_title(t)}   {stamp}   (Ctrl-C to stop)", *format_block(t.model, values, cal)]
+                    else:
+                        lines = [stamp + "  " + "  ".join(format_value(t.model, r.name, shown[r.name])
+                                                          for r in t.model.inputs if not isinstance(shown[r.name], bool))]
+                except DcmonError as e:  # a meter may drop out for a moment while someone works on the wiring
+                    lines = [f"{stamp}  {e}"]
+                if tty and drawn:
+                    sys.stdout.write(f"\x1b[{drawn}F\x1b[J")
+                for line in lines:
+                    sys.stdout.write(line + "\n")
+                sys.stdout.flush()
+                drawn = len(lines)
+                n += 1
+                if args.count is not None and n >= args.count:
+                    break
+                next_at += args.interval
+                delay = next_at - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                else:
+                    next_at = time.monotonic()
+    except KeyboardInterrupt:
+        sys.stdout.write("\n" if tty else "")
+    return 0
+
+
+def add_commands(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    target, meter = target_parser(), meter_parser()
+    fmt = Formatter
+    stop_first = STOP_FIRST
+
+    p = subparsers.add_parser("shunt", formatter_class=fmt, help="read or set a PZEM-017's shunt code (current range)",
+                              description="A PZEM-017 scales the shunt's 75 mV by its shunt code (50, 100, 200 or "
+                                          "300 A). When the code does not match the shunt wired to it, current, "
+                                          "power and energy are off by the ratio of the two.",
+                              epilog=examples("dcmon shunt get --sensor battery",
+                                               "dcmon shunt set --sensor battery --amps 200"))
+    ss = p.add_subparsers(dest="shunt_command", metavar="get|set")
+    ss.required = True
+    q = ss.add_parser("get", parents=[common, target, meter], formatter_class=fmt,
+                      help="show the meter's shunt code in rated amps",
+                      description="Read the meter's shunt code (current range) and say whether it matches the "
+                                  "config's shunt_a. " + stop_first,
+                      epilog=examples("dcmon shunt get --sensor battery", "dcmon shunt get --port /dev/ttyUSB0 --address 1"))
+    q.set_defaults(func=handler(cmd_shunt_get))
+    q = ss.add_parser("set", parents=[common, target, meter], formatter_class=fmt,
+                      help="set the shunt code, then read it back",
+                      description="Write the shunt code for the shunt wired to the meter and read it back to "
+                                  "confirm. " + stop_first,
+                      epilog=examples("dcmon shunt set --sensor battery --amps 200",
+                                       "dcmon shunt set --port /dev/ttyUSB0 --address 1 --amps 100"))
+    q.add_argument("--amps", type=int, required=True, choices=shunt_amps(),
+                   help="the rating of the 75 mV shunt wired to the meter")
+    q.set_defaults(func=handler(cmd_shunt_set))
+
+    p = subparsers.add_parser("reset-energy", parents=[common, target, meter], formatter_class=fmt,
+                              help="reset a meter's energy counter (function 0x42)",
+                              description="Set the meter's energy counter back to 0 Wh, after asking (--yes skips "
+                                          "the question). The poller flags the next reading energy_reset = true, "
+                                          "also when the reset happened while it was stopped. " + stop_first,
+                              epilog=examples("dcmon reset-energy --sensor battery", "dcmon reset-energy --address 2 --yes"))
+    p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    p.set_defaults(func=handler(cmd_reset_energy))
+
+    p = subparsers.add_parser("read", parents=[common, target, meter], formatter_class=fmt,
+                              help="read one meter's values once",
+                              description="Read one meter's values once and print them (with the calibrated "
+                                          "values beside them for a calibrated sensor). With one sensor in the "
+                                          "config, that is the one. " + stop_first,
+                              epilog=examples("dcmon read", "dcmon read --sensor battery --json",
+                                               "dcmon read --port /dev/ttyUSB0 --address 1 --model pzem016"))
+    p.add_argument("--json", action="store_true", help="print one JSON object instead")
+    p.set_defaults(func=handler(cmd_read))
+
+    p = subparsers.add_parser("watch", parents=[common, target, meter], formatter_class=fmt,
+                              help="show one meter's values live",
+                              description="Read one meter again and again and show its values, redrawn in place "
+                                          "on a terminal (one line per reading otherwise), until Ctrl-C. "
+                                          + stop_first,
+                              epilog=examples("dcmon watch --sensor battery", "dcmon watch --address 1 --interval 0.5 --count 20"))
+    p.add_argument("--interval", type=positive, default=1.0, metavar="S", help="seconds between readings (default 1)")
+    p.add_argument("--count", type=int, metavar="N", help="stop after N readings (default: until Ctrl-C)")
+    p.set_defaults(func=handler(cmd_watch))
