@@ -88,6 +88,22 @@ def test_energy_reset_while_stopped_is_flagged_after_restart(tmp_path, capsys):
     assert "energy_reset=true" in lines[2] and "energy_wh=0.0" in lines[2], lines[2]
 
 
+def test_simulated_meters_start_afresh_without_a_false_reset(tmp_path):
+    """`run --simulate` twice: each run's simulated meters are new (their counters start where the simulator
+    starts them), so nothing is compared with, or stored over, the real meters' counters in the spool."""
+    from dcmon.spool import Spool
+
+    cfg = str(write_cfg(tmp_path, "/dev/null"))
+    with Spool.open(tmp_path / "spool.sqlite", max_bytes=1 << 20, max_age_s=86400, durability="process") as sp:
+        sp.save_counters({"battery": 99_999_999.0})       # what the real meter counted last time
+    for _ in range(2):
+        assert main(["run", "--once", "--simulate", "--no-print", "--config", cfg]) == 0
+    lines = spool_lines(tmp_path)
+    assert len(lines) == 2 and all("energy_reset=false" in line for line in lines), lines
+    with Spool.open(tmp_path / "spool.sqlite", max_bytes=1 << 20, max_age_s=86400, durability="process") as sp:
+        assert sp.load_counters() == {"battery": 99_999_999.0}, "the real meter's counter is kept as it was"
+
+
 def test_counters_survive_in_the_spool_database(tmp_path):
     from dcmon.spool import Spool
 

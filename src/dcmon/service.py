@@ -166,7 +166,10 @@ class Service:
     the others fed in memory), the status file, the watchdog. ``run()`` = ``start`` + the loop + ``stop``."""
 
     def __init__(self, cfg: Config, *, once: bool = False, echo: bool = False, hint_simulate: bool = False,
-                 clock: Clock | None = None) -> None:
+                 clock: Clock | None = None, counters: bool = True) -> None:
+        """``counters``: keep the meters' last energy counters in the spool across restarts (a reset made while
+        stopped is flagged). Off for ``--simulate``: simulated meters start afresh each run and are not the
+        real meters whose counters the spool keeps."""
         from . import outputs as outputs_mod
         from .sender import Sender
         from .spool import Spool
@@ -211,7 +214,9 @@ class Service:
         self.poller = Poller(cfg, put=self._put, on_reading=self._on_reading, on_meter_state=self._on_meter_state,
                              extra_lines=self._extra_lines if self.consumers else None, retrying=not once,
                              hint_simulate=hint_simulate, progress=self.beat.progress, clock=self.clock)
-        self.poller.restore_counters(_load_counters(self.spool))
+        self.counters = counters
+        if counters:
+            self.poller.restore_counters(_load_counters(self.spool))
         for name in self.poller.buses:
             self.beat.register(f"poll:{name}")
 
@@ -360,7 +365,7 @@ class Service:
             if now >= next_status:  # every 5 s: cheap, and on tmpfs under systemd (RuntimeDirectory)
                 next_status = now + 5.0
                 _write_status(spath, self.status_record("running"))
-            if now >= next_counters:
+            if now >= next_counters and self.counters:
                 next_counters = now + COUNTERS_SAVE_S
                 _save_counters(spool, poller)
             if cfg.poller.health_interval_s and time.monotonic() >= next_health:
@@ -388,7 +393,8 @@ class Service:
         return 0
 
     def close(self) -> None:
-        _save_counters(self.spool, self.poller)
+        if self.counters:
+            _save_counters(self.spool, self.poller)
         self.poller.close()
         for c in self.consumers:
             try:
@@ -422,7 +428,7 @@ def run(cfg: Config, *, simulate: bool = False, once: bool = False, echo: bool |
     sims = start_simulators(cfg) if simulate else []
     try:
         service = Service(cfg, once=once, echo=bool(once if echo is None else echo), hint_simulate=hint_simulate,
-                          clock=clock)
+                          clock=clock, counters=not simulate)
     except BaseException:
         for s in sims:
             s.stop()
