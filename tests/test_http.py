@@ -547,3 +547,25 @@ def test_page_off_means_no_page_but_metrics_still_served(poller):
     with HttpOutput(settings(page=False), status=status_of(poller), healthy=lambda: True) as out:
         assert httpx.get(out.url + "/").status_code == 404
         assert httpx.get(out.url + "/metrics").status_code == 200
+
+
+def test_batteries_in_metrics_known_values_only(poller, tmp_path):
+    """status.json's "batteries" (dcmon.battery_service) as gauges: a battery whose state of charge is unknown
+    has no state-of-charge series (absent, not 0); promtool accepts the exposition."""
+    batteries = {"house": {"soc_pct": 87.5, "time_to_go_s": 5400.0, "current_a": -3.25, "voltage_v": 12.61,
+                           "synchronisations": 2},
+                 "van": {"soc_pct": None, "time_to_go_s": None, "current_a": 1.5, "voltage_v": 13.1,
+                         "synchronisations": 0}}
+    with HttpOutput(settings(), status=status_of(poller, batteries=batteries), healthy=lambda: True,
+                    host="boat") as out:
+        feed(poller, out)
+        text = httpx.get(out.url + "/metrics").text
+    r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout == "" and r.stderr == "", r.stdout + r.stderr
+    assert 'dcmon_battery_state_of_charge_ratio{battery="house",host="boat"} 0.875' in text
+    assert 'dcmon_battery_time_to_go_seconds{battery="house",host="boat"} 5400.0' in text
+    assert 'dcmon_battery_net_current_amperes{battery="house",host="boat"} -3.25' in text
+    assert 'dcmon_battery_synchronisations_total{battery="house",host="boat"} 2.0' in text
+    assert 'dcmon_battery_net_current_amperes{battery="van",host="boat"} 1.5' in text
+    soc = [line for line in text.splitlines() if line.startswith("dcmon_battery_state_of_charge_ratio{")]
+    assert soc == ['dcmon_battery_state_of_charge_ratio{battery="house",host="boat"} 0.875'], soc

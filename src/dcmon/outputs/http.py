@@ -446,6 +446,34 @@ class DcmonCollector:
                     bus_up.add_metric([host, str(name)], 0.0 if b.get("error") else 1.0)
             yield bus_up
         yield from _output_metrics(host, _outputs_of(st))
+        batteries = st.get("batteries")
+        if isinstance(batteries, Mapping) and batteries:
+            yield from _battery_metrics(host, batteries)
+
+
+# status.json's "batteries" → metric (unknown values: the series is absent, not 0)
+BATTERY_METRICS = {
+    "soc_pct": ("dcmon_battery_state_of_charge_ratio", "Estimated state of charge, 0 to 1.", 0.01),
+    "time_to_go_s": ("dcmon_battery_time_to_go_seconds", "Estimated time until the discharge floor.", 1.0),
+    "current_a": ("dcmon_battery_net_current_amperes", "Net current into the battery (negative: discharging).", 1.0),
+    "voltage_v": ("dcmon_battery_voltage_volts", "The battery's voltage.", 1.0),
+}
+
+
+def _battery_metrics(host: str, batteries: Mapping[str, Any]) -> Iterator[Metric]:
+    fams = {k: GaugeMetricFamily(n, h, labels=("host", "battery")) for k, (n, h, _) in BATTERY_METRICS.items()}
+    syncs = CounterMetricFamily("dcmon_battery_synchronisations", "Synchronisations to 100 % since set-up.",
+                                labels=("host", "battery"))
+    for name, b in batteries.items():
+        if not isinstance(b, Mapping):
+            continue
+        for k, (_n, _h, factor) in BATTERY_METRICS.items():
+            if (x := _num(b.get(k))) is not None:
+                fams[k].add_metric([host, str(name)], x * factor)
+        if (x := _num(b.get("synchronisations"))) is not None:
+            syncs.add_metric([host, str(name)], x)
+    yield from fams.values()
+    yield syncs
 
 
 def _outputs_of(st: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
