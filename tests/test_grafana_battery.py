@@ -94,7 +94,10 @@ def test_values_are_the_services(bat):
     (syncs,) = run(bat, "Synchronisations")
     assert syncs["values"][0][1] == 1 and syncs["values"][0][2] > 0
     (cur,) = run(bat, "Net current")
-    assert len(query('SELECT "net_current_a" FROM "battery"')[0]["values"]) == len(points)   # every point
+    # every point that has a net current (a point made while one meter's reading is stale has none: unknown)
+    with_current = [p for p in points if ",net_current_a=" in p or " net_current_a=" in p]
+    assert len(with_current) >= len(points) - 3
+    assert len(query('SELECT "net_current_a" FROM "battery"')[0]["values"]) == len(with_current)
     assert by_time(cur) == pytest.approx(minute_means(query, "net_current_a"))
     (trend,) = run(bat, "Battery state of charge")
     assert by_time(trend) == pytest.approx(minute_means(query, "soc_pct"))
