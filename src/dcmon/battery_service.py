@@ -77,8 +77,10 @@ class BatteryService:
 
     def __init__(self, batteries: Iterable[BatterySettings], path: Path, host: str, *,
                  save_interval_s: float = SAVE_INTERVAL_S, mono: Callable[[], float] = time.monotonic,
-                 wall_ns: Callable[[], int] = time.time_ns) -> None:
+                 wall_ns: Callable[[], int] = time.time_ns,
+                 on_state: Callable[[BatteryState], None] | None = None) -> None:
         self.host = host
+        self.on_state = on_state   # each new state (the service passes it to the outputs' on_battery)
         self._mono, self._wall_ns = mono, wall_ns
         self._lock = threading.Lock()
         self.store = BatteryStore.open(path)   # BatteryStoreError (a DcmonError: one line) if it cannot be
@@ -110,7 +112,16 @@ class BatteryService:
 
     # ------------------------------------------------------------------------------ the three calls
     def on_readings(self, readings: Iterable[Reading]) -> list[str]:
-        """Feed one cycle's readings; return one ``battery`` line per battery whose meters were read."""
+        """Feed one cycle's readings; return one ``battery`` line per battery whose meters were read (and
+        pass each of those batteries' new state to ``on_state``, outside the lock)."""
+        states: list[BatteryState] = []
+        lines = self._feed(readings, states)
+        if self.on_state is not None:
+            for st in states:
+                self.on_state(st)
+        return lines
+
+    def _feed(self, readings: Iterable[Reading], states: list[BatteryState]) -> list[str]:
         with self._lock:
             if self._closed:
                 return []
@@ -129,6 +140,7 @@ class BatteryService:
             lines = []
             for name, t_ns in touched.items():
                 st = self.monitors[name].snapshot()
+                states.append(st)
                 lines.append(encode_line(MEASUREMENT, {"host": self.host, "battery": name}, influx_fields(st), t_ns))
             for mon in self.monitors.values():
                 for event in mon.drain_events():

@@ -27,6 +27,7 @@ from .reading import Reading
 from .systemd import Watchdog
 
 if TYPE_CHECKING:
+    from .battery import BatteryState
     from .sender import Sender
     from .spool import Spool, SpoolStats
 
@@ -187,7 +188,7 @@ class Service:
         if cfg.batteries:
             from .battery_service import BatteryService   # only when [[batteries]] is configured
 
-            battery = BatteryService.from_config(cfg)
+            battery = BatteryService.from_config(cfg, on_state=self._on_battery)
             if battery is not None:
                 self.consumers.append(battery)
         self.outputs: list[Output] = []
@@ -249,6 +250,13 @@ class Service:
                 out.on_reading(r)
             except Exception as e:   # noqa: BLE001 - an output's bug must not stop the bus or the other outputs
                 self._complain(out.name, "on_reading", e)
+
+    def _on_battery(self, state: BatteryState) -> None:
+        for out in self.outputs:
+            try:
+                out.on_battery(state)
+            except Exception as e:   # noqa: BLE001 - as above
+                self._complain(out.name, "on_battery", e)
 
     def _on_meter_state(self, st: SensorState, up: bool) -> None:
         labels = {"host": self.cfg.host, "bus": st.cfg.bus, "model": st.cfg.model}

@@ -8,6 +8,9 @@ registry in ``dcmon.outputs`` and then, for each of them,
   (keep it in memory and let a thread of the output's own do the rest), so no output can slow a bus;
 - ``meter_state(sensor, up, labels)`` after every poll of a meter (``up`` False: it did not answer, or its
   bus is gone); ``labels``: host, bus, model;
+- ``on_battery(state)`` after every cycle that read one of a battery's meters (``[[batteries]]``): the
+  battery monitor's ``dcmon.battery.BatteryState`` (None values are unknown, never 0), on the bus thread:
+  never block either;
 - ``status()``: a small JSON-able dict for status.json (``dcmon status``, ``/status``), under
   ``"outputs"``;
 - ``close()`` once, at the end.
@@ -30,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 
 if TYPE_CHECKING:
+    from ..battery import BatteryState
     from ..config import Config
     from ..reading import Reading
 
@@ -74,6 +78,9 @@ class Output:
 
     def meter_state(self, sensor: str, up: bool, labels: Mapping[str, str]) -> None:
         """After every poll of a meter: does it answer? Never block."""
+
+    def on_battery(self, state: BatteryState) -> None:
+        """A battery monitor's new state (after a cycle that read its meters), on a bus thread: never block."""
 
     def sink(self) -> Sink | None:
         """A durable output's destination (drained from its spool by a Sender); None: keep the spool only."""
