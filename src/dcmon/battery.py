@@ -312,6 +312,11 @@ class _History:
     min_v: float | None = None
     max_v: float | None = None
     last_full_ns: int | None = None
+    # Flow against the present direction, not yet netted (see BatteryMonitor._count): a load's step while
+    # charging waits here for the chargers' next step, so charged/discharged totals never go back.
+    carry_ah: float = 0.0
+    carry_wh: float = 0.0
+    carry_charging: bool = True
 
 
 MIN_COUNTED_DEPTH_PCT = 1.0  # discharges shallower than this (float-charge wiggles) do not count in the average
@@ -436,15 +441,12 @@ class BatteryMonitor:
     def _count(self, ah: float, wh: float, net: float) -> None:
         """Count a signed flow (+ into the battery) while the net current is ``net``."""
         s = self.settings
+        self._total(ah, wh, net > 0)
         if net > 0:
-            self.h.charged_ah += ah
-            self.h.charged_wh += wh
             stored = ah * s.charge_efficiency_pct / 100.0
             self.used_ah -= stored
             self.consumed_ah -= stored
         else:
-            self.h.discharged_ah -= ah
-            self.h.discharged_wh -= wh
             self.used_ah -= ah * peukert_factor(s, -net)
             self.consumed_ah -= ah
         self.used_ah = min(max(self.used_ah, 0.0), s.capacity_ah)
@@ -452,6 +454,33 @@ class BatteryMonitor:
         if self.soc_known:
             self.cycle_depth_ah = max(self.cycle_depth_ah, self.consumed_ah)
             self.h.deepest_ah = max(self.h.deepest_ah, self.consumed_ah)
+
+    def _total(self, ah: float, wh: float, charging: bool) -> None:
+        """Add a signed flow to the history totals, which only ever grow. Meters are read one after the
+        other, so while charging a load meter's step arrives before the chargers' step that outweighs it:
+        counted as it came, "charged" would step back for a moment (and a per-day increase read high).
+        Such a flow against the direction waits in a carry, netted with the next flow in the direction;
+        when the direction changes, what is left of it belongs to the new direction's total. So
+        charged − discharged still equals the net flow counted."""
+        h = self.h
+        if charging != h.carry_charging:
+            if charging:   # was discharging: a carry of charge (> 0) is charge
+                h.charged_ah += max(h.carry_ah, 0.0)
+                h.charged_wh += max(h.carry_wh, 0.0)
+            else:          # was charging: a carry of discharge (< 0) is discharge
+                h.discharged_ah -= min(h.carry_ah, 0.0)
+                h.discharged_wh -= min(h.carry_wh, 0.0)
+            h.carry_ah = h.carry_wh = 0.0
+            h.carry_charging = charging
+        sign = 1.0 if charging else -1.0   # + : flow in the present direction
+        t_ah, t_wh = sign * ah + sign * h.carry_ah, sign * wh + sign * h.carry_wh
+        if charging:
+            h.charged_ah += max(t_ah, 0.0)
+            h.charged_wh += max(t_wh, 0.0)
+        else:
+            h.discharged_ah += max(t_ah, 0.0)
+            h.discharged_wh += max(t_wh, 0.0)
+        h.carry_ah, h.carry_wh = sign * min(t_ah, 0.0), sign * min(t_wh, 0.0)
 
     def _fresh(self, m: _Meter, mono_s: float) -> bool:
         return m.last_mono is not None and mono_s - m.last_mono <= self.settings.max_gap_s
