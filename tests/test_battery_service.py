@@ -340,3 +340,34 @@ discharge = ["loads"]
     assert "battery=house" in battery[0] and "soc_known=false" in battery[0], battery[0]
     assert (tmp_path / "battery.sqlite").exists()
     capsys.readouterr()
+
+
+def test_a_disabled_meter_shows_no_soc_and_check_config_lists_the_batteries(tmp_path, capsys):
+    """A battery may name a sensor that is switched off (enabled = false, e.g. a meter out for repair): the
+    service starts (the other meters are still polled), says once why, and shows the state of charge as
+    unknown rather than a number frozen at the time the meter stopped; check-config lists each battery."""
+    from dcmon.battery import BatteryMonitor
+    from dcmon.cli import main
+
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f'[influxdb]\nenabled = false\n[spool]\npath = "{tmp_path}/spool.sqlite"\n[buses.a]\nport = "/dev/null"\n'
+        '[[sensors]]\nname = "charger"\nbus = "a"\naddress = 1\n'
+        '[[sensors]]\nname = "loads"\nbus = "a"\naddress = 2\nenabled = false\n'
+        '[[batteries]]\nname = "house"\ncapacity_ah = 100\ncharge = ["charger"]\ndischarge = ["loads"]\n')
+    cfg = config.load(path, env={})
+    assert "battery house: 100 Ah 12 V lead-acid, charge charger; discharge loads (disabled)" in cfg.describe()
+    assert main(["check-config", "--config", str(path)]) == 0
+    assert "battery house: 100 Ah 12 V lead-acid" in capsys.readouterr().out
+    svc = BatteryService.from_config(cfg)   # (main() above set up dcmon's logging to stderr)
+    assert svc is not None
+    try:
+        assert "WARNING battery house: its meter(s) loads are disabled (enabled = false" in capsys.readouterr().err
+        mon: BatteryMonitor = svc.monitors["house"]
+        mon.synchronise(10**18)   # a state of charge known before the meter was switched off
+        st = mon.snapshot()
+        assert st.soc_pct is None and st.consumed_ah is None and "loads are disabled" in st.unknown_reason
+        mon.disabled = set()      # enabled again: the kept state shows
+        assert mon.snapshot().soc_pct == 100.0
+    finally:
+        svc.close()

@@ -347,6 +347,7 @@ class BatteryMonitor:
         self._last_ns: int | None = None
         self._pending_ah = 0.0      # flow seen while a meter was stale, counted once all are fresh again
         self._pending_wh = 0.0
+        self.disabled: set[str] = set()  # its meters with enabled = false: never read, so no SoC is shown
         self.changed = False        # something worth saving happened (cleared by to_state)
         self.events: list[str] = []  # one-line log events since the last drain (synchronised, lost)
 
@@ -545,6 +546,11 @@ class BatteryMonitor:
         self.used_ah = self.consumed_ah = self.cycle_depth_ah = 0.0
         self.changed = True
 
+    def disabled_reason(self) -> str:
+        names = ", ".join(sorted(self.disabled))
+        return (f"its meter(s) {names} are disabled (enabled = false in [[sensors]]): not counted until enabled "
+                f"again (their energy counters then bridge the gap)")
+
     def drain_events(self) -> list[str]:
         out, self.events = self.events, []
         return out
@@ -567,7 +573,8 @@ class BatteryMonitor:
             status = "discharging"
         else:
             status = "idle"
-        soc = 100.0 * (1.0 - self.used_ah / s.capacity_ah) if self.soc_known else None
+        shown = self.soc_known and not self.disabled
+        soc = 100.0 * (1.0 - self.used_ah / s.capacity_ah) if shown else None
         ttg = None
         if soc is not None and net is not None and self._avg:
             avg = sum(x for _, x in self._avg) / len(self._avg) if s.ttg_window_min > 0 else net
@@ -577,10 +584,10 @@ class BatteryMonitor:
         h = self.h
         return BatteryState(
             name=s.name, status=status, soc_pct=soc, time_to_go_s=ttg,
-            unknown_reason="" if self.soc_known else self.unknown_reason,
+            unknown_reason="" if shown else (self.disabled_reason() if self.disabled else self.unknown_reason),
             voltage_v=volt, current_a=net,
             power_w=(net * volt if net is not None and volt is not None else None),
-            consumed_ah=self.consumed_ah if self.soc_known else None,
+            consumed_ah=self.consumed_ah if shown else None,
             charged_ah=h.charged_ah if s.can_count else h.through_ah,
             discharged_ah=h.discharged_ah,
             charged_kwh=(h.charged_wh if s.can_count else h.through_wh) / 1000.0,

@@ -105,10 +105,17 @@ class BatteryService:
 
     @classmethod
     def from_config(cls, cfg: Config, **kw: Any) -> BatteryService | None:
-        """The service's battery monitors, or None when the configuration has no ``[[batteries]]``."""
+        """The service's battery monitors, or None when the configuration has no ``[[batteries]]``. A battery
+        naming a sensor with ``enabled = false`` shows no state of charge (said once at start-up)."""
         if not cfg.batteries:
             return None
-        return cls(cfg.batteries, store_path(cfg), cfg.host, **kw)
+        svc = cls(cfg.batteries, store_path(cfg), cfg.host, **kw)
+        disabled = {s.name for s in cfg.sensors if not s.enabled}
+        for mon in svc.monitors.values():
+            mon.disabled = disabled & set(mon.settings.sensors)
+            if mon.disabled:
+                log.warning("battery %s: %s", mon.settings.name, mon.disabled_reason())
+        return svc
 
     # ------------------------------------------------------------------------------ the three calls
     def on_readings(self, readings: Iterable[Reading]) -> list[str]:

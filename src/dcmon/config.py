@@ -588,7 +588,14 @@ class Config:
             f"{len(sensors)} sensor(s) on {len(buses)} bus(es): "
             + ", ".join(f"{b} {self.buses[b].port} ({len(self.enabled_sensors(b))})" for b in buses),
             "outputs: " + ", ".join(self.outputs_enabled()),
-        ]
+        ] + [self._describe_battery(b) for b in self.batteries]
+
+    def _describe_battery(self, b: BatterySettings) -> str:
+        off = {s.name for s in self.sensors if not s.enabled}
+        parts = [f"{k} {', '.join(n + (' (disabled)' if n in off else '') for n in getattr(b, k))}"
+                 for k in ("charge", "discharge", "battery_cable") if getattr(b, k)]
+        return (f"battery {b.name}: {b.capacity_ah:g} Ah {b.nominal_v:g} V {b.chemistry}, " + "; ".join(parts)
+                + ("" if b.can_count else " (no state of charge: see docs/battery.md)"))
 
 
 # --------------------------------------------------------------------------------------------- loader
