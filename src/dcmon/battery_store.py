@@ -23,11 +23,11 @@ import os
 import sqlite3
 import threading
 from collections.abc import Mapping
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from .errors import DcmonError
+from .sqlite_file import NotOurs, is_corrupt, move_aside, open_owned
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,6 @@ APPLICATION_ID = 0x64636D62  # "dcmb": marks a dcmon battery-state file
 SCHEMA_VERSION = 1
 SAVE_INTERVAL_S = 30.0
 PAGE_SIZE = 1024             # one battery's row is about 1 KiB: small pages, small WAL frames
-_CORRUPT = {11, 26}          # SQLITE_CORRUPT, SQLITE_NOTADB
 
 _SCHEMA = ("CREATE TABLE IF NOT EXISTS state (battery TEXT PRIMARY KEY, saved_ns INTEGER NOT NULL, "
            "data TEXT NOT NULL) WITHOUT ROWID")
@@ -43,10 +42,6 @@ _SCHEMA = ("CREATE TABLE IF NOT EXISTS state (battery TEXT PRIMARY KEY, saved_ns
 
 class BatteryStoreError(DcmonError):
     """The battery-state file cannot be used at all (folder not writable)."""
-
-
-def _utc_stamp() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
 
 class BatteryStore:
@@ -74,11 +69,11 @@ class BatteryStore:
         with self._lock:
             try:
                 self._db = self._connect()
-            except _NotOurs as e:
+            except NotOurs as e:
                 self._move_aside(str(e))
                 self._db = self._connect()
             except sqlite3.DatabaseError as e:
-                if (getattr(e, "sqlite_errorcode", 0) & 0xFF) not in _CORRUPT:
+                if not is_corrupt(e):
                     raise BatteryStoreError(f"cannot open the battery state {self.path}: {e}; check the disk and "
                                             f"the file's permissions") from None
                 self._move_aside(str(e))
@@ -86,23 +81,9 @@ class BatteryStore:
         return self
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
+        db, _tables = open_owned(self.path, application_id=APPLICATION_ID, schema_version=SCHEMA_VERSION,
+                                 schema=[_SCHEMA], page_size=PAGE_SIZE, synchronous="FULL")
         try:
-            app_id = db.execute("PRAGMA application_id").fetchone()[0]
-            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            if app_id not in (0, APPLICATION_ID) or (app_id == 0 and tables):
-                raise _NotOurs("an SQLite file, but not a dcmon battery state")
-            if app_id == 0:
-                db.execute(f"PRAGMA page_size={PAGE_SIZE}")
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute("PRAGMA secure_delete=OFF")
-            if app_id == 0:
-                db.execute("BEGIN IMMEDIATE")
-                db.execute(_SCHEMA)
-                db.execute(f"PRAGMA application_id={APPLICATION_ID}")
-                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-                db.execute("COMMIT")
             db.execute("SELECT count(*) FROM state").fetchone()  # reads a page: a corrupt file shows here
         except BaseException:
             db.close()
@@ -114,13 +95,8 @@ class BatteryStore:
             with contextlib.suppress(sqlite3.Error):
                 self._db.close()
             self._db = None
-        dest = self.path.with_name(f"{self.path.name}.corrupt-{_utc_stamp()}")
         try:
-            os.replace(self.path, dest)
-            for suffix in ("-wal", "-shm"):
-                side = self.path.with_name(self.path.name + suffix)
-                if side.exists():
-                    os.replace(side, dest.with_name(dest.name + suffix))
+            dest = move_aside(self.path)
         except OSError as e:
             raise BatteryStoreError(f"battery state {self.path} is unusable ({why}) and cannot be moved aside "
                                     f"({e.strerror}); move or delete it by hand") from None
@@ -190,10 +166,6 @@ class BatteryStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class _NotOurs(Exception):
-    pass
 
 
 class SaveSchedule:

@@ -63,6 +63,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from .errors import SpoolError
+from .sqlite_file import NotOurs, is_corrupt, move_aside, open_owned
 
 T = TypeVar("T")
 
@@ -82,7 +83,6 @@ WAL_PAGES = 256                   # checkpoint (and truncate the WAL to) this ma
 RESERVE_BYTES = 2 * 1024 * 1024   # the reserve file that lets deletions succeed on a full disk
 RELEASE_CHUNK = 5000              # held lines re-stamped per transaction
 MARK_INTERVAL_S = 60.0            # newest_time_ns is written to meta at most this often
-_CORRUPT = {11, 26}               # SQLITE_CORRUPT, SQLITE_NOTADB
 _FULL = 13                        # SQLITE_FULL
 
 _SCHEMA = """
@@ -127,10 +127,6 @@ def line_time_ns(line: str) -> int | None:
 
 def _restamp(line: str, t_ns: int) -> str:
     return f"{line.rsplit(' ', 1)[0]} {t_ns}"
-
-
-def _utc_stamp() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
 
 class Spool:
@@ -204,7 +200,7 @@ class Spool:
         try:
             self._db = self._open_db()
         except sqlite3.DatabaseError as e:
-            if not _is_corrupt(e):
+            if not is_corrupt(e):
                 raise SpoolError(f"cannot open the spool {p}: {e}; check the disk and the file's permissions") from None
             self._corrupt(str(e))
             try:
@@ -214,32 +210,18 @@ class Spool:
 
     def _open_db(self) -> sqlite3.Connection:
         """Connect, check that the file is ours, set the pragmas, create the tables. Raises sqlite3 errors."""
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
         try:
-            app_id = db.execute("PRAGMA application_id").fetchone()[0]
-            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            if app_id not in (0, APPLICATION_ID) or (app_id == 0 and tables):
-                raise SpoolError(f"{self.path} is an SQLite database but not a dcmon spool; "
-                                 f"set spool.path to a file of its own")
-            if app_id == 0:  # a new file: the page size is fixed once WAL mode is on
-                db.execute(f"PRAGMA page_size={PAGE_SIZE}")
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=" + ("FULL" if self.durability == "power" else "NORMAL"))
             # the WAL is checkpointed at wal_pages and truncated back to that size: bounded, and its space
             # is reused from the start after each checkpoint (so deletions need no new disk space)
-            db.execute(f"PRAGMA wal_autocheckpoint={self.wal_pages}")
-            db.execute(f"PRAGMA journal_size_limit={self.wal_pages * PAGE_SIZE}")
-            # Debian builds SQLite with SECURE_DELETE on: every sent line would be zeroed on disk, and each
-            # freed page written once more. Readings are not secrets; SD cards are worth more.
-            db.execute("PRAGMA secure_delete=OFF")
-            if app_id == 0:
-                db.execute("BEGIN IMMEDIATE")
-                for stmt in _SCHEMA.strip().split(";"):
-                    if stmt.strip():
-                        db.execute(stmt)
-                db.execute(f"PRAGMA application_id={APPLICATION_ID}")
-                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-                db.execute("COMMIT")
+            db, tables = open_owned(
+                self.path, application_id=APPLICATION_ID, schema_version=SCHEMA_VERSION,
+                schema=[st for st in _SCHEMA.strip().split(";") if st.strip()], page_size=PAGE_SIZE,
+                synchronous="FULL" if self.durability == "power" else "NORMAL",
+                pragmas=(f"wal_autocheckpoint={self.wal_pages}", f"journal_size_limit={self.wal_pages * PAGE_SIZE}"))
+        except NotOurs:
+            raise SpoolError(f"{self.path} is an SQLite database but not a dcmon spool; "
+                             f"set spool.path to a file of its own") from None
+        try:
             if "held" not in tables:
                 db.execute(_HELD)
             self._held = db.execute("SELECT count(*) FROM held").fetchone()[0]
@@ -262,13 +244,8 @@ class Spool:
             with contextlib.suppress(sqlite3.Error):
                 self._db.close()
             self._db = None
-        dest = p.with_name(f"{p.name}.corrupt-{_utc_stamp()}")
         try:
-            os.replace(p, dest)
-            for suffix in ("-wal", "-shm"):
-                side = p.with_name(p.name + suffix)
-                if side.exists():
-                    os.replace(side, dest.with_name(dest.name + suffix))
+            dest = move_aside(p)
         except OSError as e:
             raise SpoolError(f"spool {p} is unusable ({why}) and cannot be moved aside ({e.strerror}); "
                              f"move or delete it by hand, or set spool.path") from None
@@ -286,7 +263,7 @@ class Spool:
             try:
                 return fn(self._db)
             except sqlite3.DatabaseError as e:
-                if not _is_corrupt(e):
+                if not is_corrupt(e):
                     raise
                 self._rollback()
                 self._corrupt(str(e))
@@ -872,14 +849,6 @@ def _quarantine_count(db: sqlite3.Connection) -> int:
     once), so max − min + 1 is the count, without reading every row as count(*) would."""
     lo, hi = db.execute("SELECT min(id), max(id) FROM quarantine").fetchone()
     return 0 if lo is None else hi - lo + 1
-
-
-def _is_corrupt(e: sqlite3.Error) -> bool:
-    code = getattr(e, "sqlite_errorcode", None)
-    if code is not None:
-        return (code & 0xFF) in _CORRUPT
-    text = str(e).lower()
-    return "not a database" in text or "malformed" in text
 
 
 def _is_full(e: Exception) -> bool:
