@@ -543,6 +543,9 @@ def test_dashboard_provider_points_at_the_folder_compose_mounts(compose):
     assert Path(mounts[provider["options"]["path"]]) == DASHBOARDS
     assert Path(mounts["/etc/grafana/provisioning/datasources"]) == GRAFANA / "provisioning/datasources"
     assert Path(mounts["/etc/grafana/provisioning/dashboards"]) == GRAFANA / "provisioning/dashboards"
+    # the alert rules' folder too (a Grafana in the stack alerts from its first start)
+    assert Path(mounts["/etc/grafana/provisioning/alerting"]) == GRAFANA / "provisioning/alerting"
+    assert (GRAFANA / "provisioning/alerting/dcmon.yaml").is_file()
 
 
 def test_datasource_takes_url_and_credentials_from_the_environment_compose_sets(compose):
