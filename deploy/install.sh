@@ -223,6 +223,7 @@ install_config() {
     sed 's|^path = "var/spool.sqlite".*|path = "/var/lib/dcmon/spool.sqlite"   # set by install.sh: the StateDirectory|' \
       "$SRC/config.toml" | new_file "$P$ETC/config.toml" 640 0 "$DC_GID"
     say "edit $ETC/config.toml for your meters and ports (docs/configuration.md)"
+    say "then, once InfluxDB answers: sudo dcmon influx-setup (retention and downsampling, docs/install.md)"
   fi
   ensure_mode "$P$ETC/config.toml" 640 0 "$DC_GID"
   if [ ! -e "$P$ETC/config.local.toml" ]; then

@@ -199,6 +199,9 @@ def test_prefix_install_layout(installed):
             assert p.stat().st_mode & 0o004, f"{p} is not readable by the dcmon user"
     assert (root / "opt/dcmon/venv/bin/dcmon").stat().st_mode & 0o001
     assert "done," in installed.first.stdout
+    # the next steps a first install names: the meters, then retention and downsampling in InfluxDB
+    assert "edit /etc/dcmon/config.toml for your meters" in installed.first.stdout
+    assert "sudo dcmon influx-setup" in installed.first.stdout
 
 
 def test_second_run_changes_nothing(installed):
