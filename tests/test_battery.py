@@ -584,3 +584,29 @@ def test_history_totals_never_step_back_and_still_add_up_to_the_net_flow():
     # net 3 A then 2.5 A in for half an hour each at 13 V; net 5 A out for half an hour
     assert h.charged_wh == pytest.approx(13.0 * (3.0 + 2.5) / 2, abs=1.5)
     assert h.discharged_wh == pytest.approx(13.0 * 5.0 / 2, abs=1.5)
+
+
+def test_the_simulate_demo_battery_synchronises_within_minutes_then_cycles():
+    """`dcmon run --simulate` with [[batteries]]: the battery's meters follow a model that is nearly full with
+    the charger on, so the state of charge becomes known a few minutes after the start (not hours), then
+    the hourly charger-off stretch discharges it and time to go shows."""
+    from dcmon.battery_sim import DEMO_CHARGE_S, demo_drives
+    s = BatterySettings.preset("house", 100, "lead-acid", charge=["solar", "charger"], discharge=["loads"])
+    drives = demo_drives(100, 12, "lead-acid", s.charge, s.discharge, start=1000.0)
+    mon = BatteryMonitor(s)
+    synced_at = None
+    ttg_seen = False
+    for k in range(1, int(3600 / 5)):
+        now = 1000.0 + 5 * k
+        for name, d in drives.items():
+            v, i, e = d.sample(now)
+            mon.update(name, T0_NS + int(now * 1e9), now, pzem_reading(v, i, e))
+        st = mon.snapshot()
+        if synced_at is None and st.soc_pct is not None:
+            synced_at = 5 * k
+        if 5 * k > DEMO_CHARGE_S + 600:
+            assert st.status == "discharging" and st.time_to_go_s and st.time_to_go_s > 3600
+            ttg_seen = True
+    assert synced_at is not None and synced_at < 15 * 60, synced_at
+    assert ttg_seen and 95 < mon.snapshot().soc_pct < 100
+    assert drives["charger"].sample(2000.0)[1] == 0.0          # a second charge meter reads 0 A

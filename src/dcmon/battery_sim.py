@@ -131,6 +131,49 @@ class BatteryModel:
         return Drive(sample)
 
 
+# --simulate's demonstration battery: nearly full with the charger on, so that it synchronises a few
+# minutes after the start (SoC known), then an hour's cycle of charging and discharging, in real time
+DEMO_SOC = 0.995
+DEMO_CHARGE_S = 15 * 60      # charger on for this long at the start of every hour ...
+DEMO_CYCLE_S = 60 * 60       # ... and off for the rest of it: the load discharges, time to go shows
+
+
+def demo_drives(capacity_ah: float, nominal_v: float, chemistry: str, charge: list[str], discharge: list[str],
+                start: float) -> dict[str, Drive]:
+    """``dcmon run --simulate`` with a ``[[batteries]]`` table: a BatteryModel behind the battery's meters
+    (the first charge meter carries the charger, 0.1 C; the first discharge meter the load, 0.02 C; any
+    other meter of the battery reads 0 A at the battery's voltage), on the monotonic clock from ``start``."""
+    model = BatteryModel(capacity_ah=capacity_ah, nominal_v=nominal_v, chemistry=chemistry,
+                         peukert=1.05 if chemistry == "lifepo4" else 1.25,
+                         efficiency=0.99 if chemistry == "lifepo4" else 0.95, soc=DEMO_SOC,
+                         load_a=0.02 * capacity_ah)
+    full_a = 0.1 * capacity_ah
+
+    def at(which: str) -> Callable[[float], tuple[float, float, float]]:
+        def sample(now: float) -> tuple[float, float, float]:
+            t = max(0.0, now - start)
+            with model.lock:
+                behind = t - model.t_s
+            while behind > 1e-9:    # advance in stretches that do not cross a switch of the charger
+                with model.lock:
+                    phase = model.t_s % DEMO_CYCLE_S
+                    model.charger_max_a = full_a if phase < DEMO_CHARGE_S else 0.0
+                    edge = (DEMO_CHARGE_S if phase < DEMO_CHARGE_S else DEMO_CYCLE_S) - phase
+                step = min(behind, max(edge, 1e-6))
+                model.advance(step)
+                behind -= step
+            v, i, e = model.sample("charge" if which == "charge" else "load")
+            return (v, i, e) if which in ("charge", "load") else (v, 0.0, 0.0)
+        return sample
+
+    drives: dict[str, Drive] = {}
+    for n, name in enumerate(charge):
+        drives[name] = Drive(at("charge" if n == 0 else "idle"))
+    for n, name in enumerate(discharge):
+        drives.setdefault(name, Drive(at("load" if n == 0 else "idle")))
+    return drives
+
+
 def pzem_reading(v: float, i: float, energy_wh: float, model: str = "pzem017") -> dict[str, object]:
     """What the meter would report for these true values, through the real register encoding and
     decoding: 0.01 V, 0.01 A, 0.1 W, whole Wh (the counter truncates)."""
@@ -142,4 +185,4 @@ def pzem_reading(v: float, i: float, energy_wh: float, model: str = "pzem017") -
     return dict(decode(m, encode(m, vals)))
 
 
-__all__ = ["BatteryModel", "pzem_reading"]
+__all__ = ["BatteryModel", "demo_drives", "pzem_reading"]

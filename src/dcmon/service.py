@@ -82,16 +82,42 @@ def simulated_meters(sensors: list[SensorConfig], *, steady: bool = False, shunt
     return meters
 
 
+def _demo_batteries(cfg: Config) -> dict:
+    """--simulate with [[batteries]]: a battery model behind each battery's meters (dcmon.battery_sim), so
+    that its state of charge becomes known a few minutes after the start and then cycles. A meter in two
+    batteries follows the first."""
+    if not cfg.batteries:
+        return {}
+    from .battery_sim import demo_drives
+
+    drives: dict = {}
+    start = time.monotonic()
+    for b in cfg.batteries:
+        if not b.can_count:
+            continue
+        for sensor, drive in demo_drives(b.capacity_ah, b.nominal_v, b.chemistry, b.charge, b.discharge,
+                                         start).items():
+            drives.setdefault(sensor, drive)
+        log.info("battery %s: simulated (%g Ah, %s, 99.5 %% full, charger on 15 min of every hour): its state "
+                 "of charge is known once it synchronises, a few minutes after the start", b.name,
+                 b.capacity_ah, b.chemistry)
+    return drives
+
+
 def start_simulators(cfg: Config) -> list:
     """--simulate: serve each bus's configured meters on a pty and point the bus at it."""
     from .simulator import Simulator
 
+    drives = _demo_batteries(cfg)
     sims = []
     for name in list(cfg.buses):
         sensors = cfg.enabled_sensors(name)
         if not sensors:
             continue
-        sim = Simulator(simulated_meters(sensors)).start()
+        meters = simulated_meters(sensors)
+        for m, s in zip(meters, sensors):
+            m.drive = drives.get(s.name, m.drive)
+        sim = Simulator(meters).start()
         sims.append(sim)
         cfg.buses[name].port = sim.path
         log.info("bus %r: simulating %d meter(s) on %s", name, len(sensors), sim.path)
