@@ -42,6 +42,7 @@ from ..battery import BatteryMonitor, BatterySettings
 from ..battery_store import APPLICATION_ID
 from ..calibration import apply_calibration
 from ..errors import BusError, ConfigError, DcmonError, DeviceError, UsageError
+from ..meter import read_values
 from .target import note
 
 if TYPE_CHECKING:
@@ -230,8 +231,6 @@ class Direct:
         for s in self.sensors:
             bus = self.buses[s.bus]
             try:
-                from ..meter import read_values
-
                 values = read_values(bus, s.meter, s.address)
             except (BusError, DeviceError) as e:
                 problems.append(f"sensor {s.name!r}: {e}")
@@ -329,12 +328,12 @@ def watch_battery(args: argparse.Namespace, cfg: Config | None = None) -> int:
                 if stopped_at is not None and mode == "follow":
                     note(f"the service is running again (pid {rec.get('pid')}): following it")
                 stopped_at = None
+                entry = (rec.get("batteries") or {}).get(bat.name)
+                if not isinstance(entry, Mapping):
+                    raise DcmonError(f"the running service (pid {rec.get('pid')}) has no battery {bat.name!r}: it "
+                                     f"was started before the battery was configured; restart it "
+                                     f"(sudo systemctl restart dcmon), then watch again")
                 if mode != "follow":
-                    entry = (rec.get("batteries") or {}).get(bat.name)
-                    if not isinstance(entry, Mapping):
-                        raise DcmonError(f"the running service (pid {rec.get('pid')}) has no battery {bat.name!r}: it "
-                                         f"was started before the battery was configured; restart it "
-                                         f"(sudo systemctl restart dcmon), then watch again")
                     if direct is not None:
                         direct.close()
                         direct = None
@@ -344,14 +343,11 @@ def watch_battery(args: argparse.Namespace, cfg: Config | None = None) -> int:
                         note(f"following the running service (pid {rec.get('pid')}, {spath}): the serial port is "
                              f"its, so watch shows its state, a line per status update (every 5 s)")
                     mode, last_record = "follow", None
-                if rec.get("time") != last_record:
-                    last_record = rec.get("time")
-                    entry = (rec.get("batteries") or {}).get(bat.name)
-                    if isinstance(entry, Mapping):
-                        t = rec.get("time")
-                        stamp = time.strftime("%H:%M:%S", time.localtime(float(t) if isinstance(t, (int, float))
-                                                                         else time.time()))
-                        out(battery_line(bat.name, entry, stamp, _record_problems(rec, bat)))
+                if rec.get("time") != last_record:   # a new record: the service writes one every 5 s
+                    last_record = t = rec.get("time")
+                    stamp = time.strftime("%H:%M:%S", time.localtime(float(t) if isinstance(t, (int, float))
+                                                                     else time.time()))
+                    out(battery_line(bat.name, entry, stamp, _record_problems(rec, bat)))
             else:
                 now = time.monotonic()
                 if mode == "follow":
