@@ -8,8 +8,10 @@ import sys
 import time
 from typing import Any
 
+from .. import config as config_mod
 from ..bus import Bus
 from ..calibration import apply_calibration
+from ..config import Config
 from ..errors import DcmonError, DeviceError, UsageError
 from ..helptext import Formatter
 from ..meter import read_shunt, read_shunt_code, read_values, set_shunt
@@ -121,8 +123,30 @@ def cmd_read(args: argparse.Namespace) -> int:
     return 0
 
 
+def _battery_by_default(args: argparse.Namespace) -> Config | None:
+    """`dcmon watch` with no meter named: the only enabled sensor as before; else, when the config has exactly
+    one battery, that battery (its config returned). With several batteries and several sensors: which?"""
+    if any(getattr(args, k, None) is not None for k in ("sensor", "address", "port", "bus")):
+        return None
+    cfg = config_mod.load(args.config)
+    if len(cfg.enabled_sensors()) == 1 or not cfg.batteries:
+        return None
+    if len(cfg.batteries) > 1:
+        raise UsageError(f"which meter or battery? give --sensor NAME, --address N or --battery NAME (batteries in "
+                         f"{cfg.source}: {', '.join(b.name for b in cfg.batteries)})")
+    note(f"battery {cfg.batteries[0].name!r}, the only one configured in {cfg.source} (--sensor NAME watches one meter)")
+    args.battery = cfg.batteries[0].name
+    return cfg
+
+
 def cmd_watch(args: argparse.Namespace) -> int:
-    """Live values, redrawn in place on a terminal (a line per reading elsewhere), until Ctrl-C (exit 0)."""
+    """Live values, redrawn in place on a terminal (a line per reading elsewhere), until Ctrl-C (exit 0);
+    with --battery (or a config whose only choice is one battery) a battery's state, by dcmon.tools.battery_watch."""
+    cfg = None if args.battery is not None else _battery_by_default(args)
+    if args.battery is not None:
+        from .battery_watch import watch_battery
+
+        return watch_battery(args, cfg)
     t = resolve(args, need_address=True)
     assert t.address is not None
     tty = sys.stdout.isatty()
@@ -213,11 +237,22 @@ def add_commands(subparsers: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=handler(cmd_read))
 
     p = subparsers.add_parser("watch", parents=[common, target, meter], formatter_class=fmt,
-                              help="show one meter's values live",
+                              help="show one meter's values, or a battery's state of charge, live",
                               description="Read one meter again and again and show its values, redrawn in place "
                                           "on a terminal (one line per reading otherwise), until Ctrl-C. "
-                                          + stop_first,
-                              epilog=examples("dcmon watch --sensor battery", "dcmon watch --address 1 --interval 0.5 --count 20"))
+                                          + stop_first + " "
+                                          "With --battery NAME (a [[batteries]] table; also when the config has "
+                                          "one battery and more than one sensor, and no meter is named) it shows "
+                                          "the battery instead, one line per refresh: state of charge, status, "
+                                          "net current, voltage, time to go, Ah consumed. While the service runs, "
+                                          "that line follows the service's status (every 5 s) and no port is "
+                                          "opened; otherwise watch reads the battery's meters itself, starting "
+                                          "from the service's saved state, which it never writes.",
+                              epilog=examples("dcmon watch --sensor battery", "dcmon watch --address 1 --interval 0.5 --count 20",
+                                               "dcmon watch --battery house",
+                                               "dcmon watch --battery house --interval 5 --count 12"))
+    p.add_argument("--battery", metavar="NAME", help="a battery from the config ([[batteries]] name): show its state "
+                                                     "of charge instead of one meter's values")
     p.add_argument("--interval", type=positive, default=1.0, metavar="S", help="seconds between readings (default 1)")
-    p.add_argument("--count", type=int, metavar="N", help="stop after N readings (default: until Ctrl-C)")
+    p.add_argument("--count", type=int, metavar="N", help="stop after N readings or lines (default: until Ctrl-C)")
     p.set_defaults(func=handler(cmd_watch))
