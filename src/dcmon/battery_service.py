@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .battery import BatteryMonitor, BatterySettings, BatteryState, limits
-from .battery_store import SAVE_INTERVAL_S, BatteryStore, SaveSchedule
+from .battery_store import SAVE_INTERVAL_S, BatteryStore, SaveSchedule, store_path
 from .reading import FieldScalar, Reading, encode_line
 
 if TYPE_CHECKING:
@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MEASUREMENT = "battery"
-STORE_NAME = "battery.sqlite"
 # BatteryState.fields() names → the measurement's field names (units in the names, like dc_power's)
 _RENAME = {"current_a": "net_current_a", "power_w": "net_power_w"}
 # a reading's wall time older than this (or in the future) is not used to place it on the monotonic clock
@@ -63,11 +62,6 @@ def _round(name: str, value: FieldScalar) -> FieldScalar:
             if name.endswith(suffix):
                 return round(value, places)
     return value
-
-
-def store_path(cfg: Config) -> Path:
-    """Where the batteries' state is kept: ``battery.sqlite`` in the spool's folder."""
-    return cfg.resolve(cfg.spool.path).with_name(STORE_NAME)
 
 
 class BatteryService:
@@ -185,7 +179,8 @@ class BatteryService:
 
 # ------------------------------------------------------------------------------------------ display
 
-def _duration(s: float) -> str:
+def duration(s: float) -> str:
+    """A time to go / since, as a person reads it: "25 min", "5 h 12 min", "3.2 days"."""
     s = max(0.0, s)
     if s < 3600:
         return f"{s / 60:.0f} min"
@@ -202,41 +197,47 @@ def _why(name: str, reason: str) -> str:
     return reason or "unknown"
 
 
+def headline(name: str, b: Mapping[str, Any]) -> str:
+    """One battery's status entry (``status()``'s values) in a phrase: ``SoC 87.3 %, discharging -4.20 A
+    12.61 V, time to go 5 h 12 min to 50 %`` (``dcmon status`` and ``dcmon watch --battery``)."""
+    soc = b.get("soc_pct")
+    head = (f"SoC {soc:.1f} %" if isinstance(soc, (int, float))
+            else f"SoC unknown ({_why(str(name), str(b.get('unknown_reason') or ''))})")
+    state = str(b.get("status") or "unknown")
+    cur, volt = b.get("current_a"), b.get("voltage_v")
+    if isinstance(cur, (int, float)):
+        state += f" {cur:+.2f} A"
+    if isinstance(volt, (int, float)):
+        state += f" {volt:.2f} V"
+    stale = b.get("stale_sensors") or []
+    if stale:
+        state += f" (not read lately: {', '.join(map(str, stale))})"
+    ttg = b.get("time_to_go_s")
+    floor = b.get("discharge_floor_pct")
+    to = f" to {floor:g} %" if isinstance(floor, (int, float)) else ""
+    ttg_text = f"time to go {duration(float(ttg))}{to}" if isinstance(ttg, (int, float)) else "time to go -"
+    return f"{head}, {state}, {ttg_text}"
+
+
 def status_lines(batteries: Mapping[str, Any], *, now_ns: int | None = None) -> list[str]:
-    """The ``"batteries"`` part of a status record as lines for ``dcmon status``, one or two per battery."""
+    """The ``"batteries"`` part of a status record as lines for ``dcmon status``, two per battery."""
     now = time.time_ns() if now_ns is None else now_ns
     out: list[str] = []
     for name, b in (batteries or {}).items():
         if not isinstance(b, Mapping):
             continue
-        soc = b.get("soc_pct")
-        head = (f"SoC {soc:.1f} %" if isinstance(soc, (int, float))
-                else f"SoC unknown ({_why(str(name), str(b.get('unknown_reason') or ''))})")
-        state = str(b.get("status") or "unknown")
-        cur, volt = b.get("current_a"), b.get("voltage_v")
-        if isinstance(cur, (int, float)):
-            state += f" {cur:+.2f} A"
-        if isinstance(volt, (int, float)):
-            state += f" {volt:.2f} V"
-        stale = b.get("stale_sensors") or []
-        if stale:
-            state += f" (not read lately: {', '.join(map(str, stale))})"
-        ttg = b.get("time_to_go_s")
-        floor = b.get("discharge_floor_pct")
-        to = f" to {floor:g} %" if isinstance(floor, (int, float)) else ""
-        ttg_text = f"time to go {_duration(float(ttg))}{to}" if isinstance(ttg, (int, float)) else "time to go -"
         used = b.get("consumed_ah")
         used_text = f"{used:.1f} Ah consumed" if isinstance(used, (int, float)) else "Ah consumed unknown"
         last = b.get("last_full_ns")
         if isinstance(last, int):
-            ago = _duration((now - last) / 1e9)
+            ago = duration((now - last) / 1e9)
             full = f"last full charge {ago} ago ({time.strftime('%Y-%m-%d %H:%M', time.localtime(last / 1e9))})"
         else:
             full = "never fully charged since set-up"
-        out.append(f"battery {name}: {head}, {state}, {ttg_text}")
+        out.append(f"battery {name}: {headline(str(name), b)}")
         out.append(f"  {used_text}, {full}, {int(b.get('synchronisations') or 0)} synchronisation(s), "
                    f"charged {float(b.get('charged_ah') or 0):.1f} Ah, discharged {float(b.get('discharged_ah') or 0):.1f} Ah")
     return out
 
 
-__all__ = ["BatteryService", "MEASUREMENT", "influx_fields", "status_lines", "store_path"]
+__all__ = ["BatteryService", "MEASUREMENT", "duration", "headline", "influx_fields", "status_lines", "store_path"]

@@ -24,20 +24,29 @@ import sqlite3
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import DcmonError
 from .sqlite_file import NotOurs, is_corrupt, move_aside, open_owned
+
+if TYPE_CHECKING:
+    from .config import Config
 
 log = logging.getLogger(__name__)
 
 APPLICATION_ID = 0x64636D62  # "dcmb": marks a dcmon battery-state file
 SCHEMA_VERSION = 1
 SAVE_INTERVAL_S = 30.0
+STORE_NAME = "battery.sqlite"  # in the spool's folder
 PAGE_SIZE = 1024             # one battery's row is about 1 KiB: small pages, small WAL frames
 
 _SCHEMA = ("CREATE TABLE IF NOT EXISTS state (battery TEXT PRIMARY KEY, saved_ns INTEGER NOT NULL, "
            "data TEXT NOT NULL) WITHOUT ROWID")
+
+
+def store_path(cfg: Config) -> Path:
+    """Where the batteries' state is kept: ``battery.sqlite`` in the spool's folder."""
+    return cfg.resolve(cfg.spool.path).with_name(STORE_NAME)
 
 
 class BatteryStoreError(DcmonError):
@@ -183,4 +192,4 @@ class SaveSchedule:
         return False
 
 
-__all__ = ["BatteryStore", "BatteryStoreError", "SaveSchedule", "SAVE_INTERVAL_S"]
+__all__ = ["BatteryStore", "BatteryStoreError", "SaveSchedule", "SAVE_INTERVAL_S", "STORE_NAME", "store_path"]

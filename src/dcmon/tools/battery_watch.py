@@ -39,7 +39,8 @@ from typing import TYPE_CHECKING, Any
 
 from .. import config as config_mod
 from ..battery import BatteryMonitor, BatterySettings
-from ..battery_store import APPLICATION_ID
+from ..battery_service import headline
+from ..battery_store import APPLICATION_ID, store_path
 from ..calibration import apply_calibration
 from ..errors import BusError, ConfigError, DcmonError, DeviceError, UsageError
 from ..meter import read_values
@@ -50,7 +51,6 @@ if TYPE_CHECKING:
     from ..config import Config, SensorConfig
 
 RESTART_GRACE_S = 10.0   # a service that stopped this recently may be restarting: leave it the port
-STORE_NAME = "battery.sqlite"   # dcmon.battery_service.STORE_NAME (not imported: it pulls the whole output path)
 
 # the meter options that name a port or a meter: --battery takes its meters and buses from the config
 _METER_OPTIONS = (("sensor", "--sensor"), ("address", "--address"), ("port", "--port"), ("bus", "--bus"),
@@ -208,7 +208,7 @@ class Direct:
                 if timeout_s:
                     settings = replace(settings, timeout_s=timeout_s)
                 self.buses[s.bus] = Bus(settings)
-        path = cfg.resolve(cfg.spool.path).with_name(STORE_NAME)
+        path = store_path(cfg)
         state, why = saved_state(path, bat.name)
         self.monitor = BatteryMonitor.restore(bat, state, time.time_ns())
         if state is not None:
@@ -258,42 +258,11 @@ class Direct:
 
 # ------------------------------------------------------------------------------------------ the line
 
-def duration(s: float) -> str:
-    s = max(0.0, s)
-    if s < 3600:
-        return f"{s / 60:.0f} min"
-    if s < 48 * 3600:
-        return f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
-    return f"{s / 86400:.1f} days"
-
-
-def _short(name: str, reason: str) -> str:
-    prefix = f"battery {name}: "
-    if reason.startswith(prefix):
-        reason = reason[len(prefix):].split(". ")[0]
-    return reason or "unknown"
-
-
 def battery_line(name: str, b: Mapping[str, Any], stamp: str, problems: list[str] | None = None) -> str:
     """``HH:MM:SS battery NAME: SoC …, status ±A V, time to go …, Ah consumed`` (+ what failed)."""
-    soc = b.get("soc_pct")
-    head = (f"SoC {soc:.1f} %" if isinstance(soc, (int, float))
-            else f"SoC unknown ({_short(name, str(b.get('unknown_reason') or ''))})")
-    state = str(b.get("status") or "unknown")
-    cur, volt = b.get("current_a"), b.get("voltage_v")
-    if isinstance(cur, (int, float)):
-        state += f" {cur:+.2f} A"
-    if isinstance(volt, (int, float)):
-        state += f" {volt:.2f} V"
-    stale = b.get("stale_sensors") or []
-    if stale:
-        state += f" (not read lately: {', '.join(map(str, stale))})"
-    ttg, floor = b.get("time_to_go_s"), b.get("discharge_floor_pct")
-    to = f" to {floor:g} %" if isinstance(floor, (int, float)) else ""
-    ttg_text = f"time to go {duration(float(ttg))}{to}" if isinstance(ttg, (int, float)) else "time to go -"
     used = b.get("consumed_ah")
     used_text = f"{used:.2f} Ah consumed" if isinstance(used, (int, float)) else "Ah consumed -"
-    line = f"{stamp} battery {name}: {head}, {state}, {ttg_text}, {used_text}"
+    line = f"{stamp} battery {name}: {headline(name, b)}, {used_text}"
     return line + "".join(f"; {p}" for p in problems or [])
 
 
