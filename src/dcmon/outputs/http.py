@@ -846,7 +846,7 @@ def _sse(data: Mapping[str, Any], event: str = "") -> bytes:
 # ------------------------------------------------------------------------------------------ output
 
 class HttpOutput:
-    """The server, in the poller's process. ``on_reading`` and ``meter_state`` only store into memory."""
+    """The server, in the poller's process. ``on_reading``, ``meter_state`` and ``on_battery`` only store into memory."""
 
     def __init__(self, settings: HttpSettings, *, status: Callable[[], dict], healthy: Callable[[], bool],
                  host: str | None = None, batteries: Iterable[BatterySettings] = (), interval_s: float = 5.0) -> None:
