@@ -4,14 +4,21 @@
     /status    the JSON of `dcmon status --json` (the poller's status dict), secrets filtered out
     /healthz   200 "ok" when every loop progressed recently, else 503 (no login needed: it says nothing else)
     /          one small page (no build step, nothing from the internet) that updates live from
-    /events    server-sent events, a snapshot of every meter at most 4 times a second, and
-    /state     the same snapshot as one JSON document (the page's polling fallback)
+    /events    server-sent events: a snapshot of every meter at most 4 times a second (unnamed events), and
+               each battery's state as its own ``battery`` event when it changed
+    /state     the same snapshot with every battery in it, as one JSON document (the page's polling fallback)
 
 Decisions:
 - The feeding side (``on_reading``, ``meter_state``) only stores into memory under a lock and sets an event:
   no I/O, no per-client work, so a slow or stalled client can never stall a bus. One broadcaster thread makes
   each snapshot once and appends it to every SSE client's bounded queue (drop-oldest); each client's own
   thread writes it out, with a write timeout after which the client is dropped.
+- Batteries (``on_battery``): the newest ``BatteryState`` per battery is kept as it came (a frozen dataclass:
+  no copy, no conversion on the bus thread). The page's battery object is ``BatteryService.status()``'s entry
+  for it (the same keys and values; None is null, never 0) plus what the HTTP output knows: ``sensors``,
+  ``down_sensors`` (its meters whose last poll failed), ``updated_ns`` (when the state came) and ``stale``.
+  A battery event replaces the same battery's event still queued for a client (the newest state is all a
+  client needs), and a full queue drops the oldest meter snapshot before any battery event.
 - A meter that is down has ``dcmon_up 0`` and no value series at all (absent, not stale).
 - Energy is the meter's own counter as ``dcmon_energy_joules_total`` (Wh × 3600: promtool rejects "hours" as
   a unit, joules are Prometheus' base unit for energy). A counter may reset, and Prometheus' rate()/increase()
@@ -44,10 +51,10 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -59,6 +66,7 @@ from ..reading import Reading
 from .base import Output, OutputContext
 
 if TYPE_CHECKING:
+    from ..battery import BatterySettings, BatteryState
     from ..config import Config
 
 log = logging.getLogger("dcmon.http")
@@ -72,6 +80,7 @@ SSE_WRITE_TIMEOUT_S = 20.0        # a client that takes no bytes for this long i
 SSE_SNDBUF = 32 * 1024
 SNAPSHOT_MIN_INTERVAL_S = 0.25    # at most 4 snapshots a second, however many readings come in
 SNAPSHOT_MAX_INTERVAL_S = 5.0     # and one at least this often (spool line, heartbeat)
+BATTERY_STALE_S = 60.0            # a battery whose state has not come for this long is stale (BatterySettings.max_gap_s)
 REQUEST_TIMEOUT_S = 10.0          # to send a request's head
 FAILED_LOGIN_DELAY_S = 1.0
 HASH_PREFIX = "pbkdf2_sha256"
@@ -275,6 +284,7 @@ class _Store:
         self.host = host
         self.lock = threading.Lock()
         self.meters: dict[str, _Meter] = {}
+        self.batteries: dict[str, tuple[BatteryState, int]] = {}   # name → (its newest state, wall ns it came)
         self.version = 0
 
     def put(self, r: Reading) -> None:
@@ -313,10 +323,20 @@ class _Store:
             m.up, m.reported = bool(up), True
             self.version += 1
 
+    def battery(self, st: BatteryState) -> None:
+        with self.lock:
+            self.batteries[st.name] = (st, time.time_ns())
+            self.version += 1
+
     def copy(self) -> list[_Meter]:
         """Shallow copies (the fields dicts are never changed after a reading is made)."""
         with self.lock:
             return [_Meter(**vars(m)) for m in self.meters.values()]
+
+    def copy_batteries(self) -> tuple[dict[str, tuple[BatteryState, int]], dict[str, bool | None]]:
+        """The batteries' newest states (immutable: shared, not copied) and every meter's up/down."""
+        with self.lock:
+            return dict(self.batteries), {name: m.up for name, m in self.meters.items()}
 
 
 # ----------------------------------------------------------------------------------------- metrics
@@ -586,6 +606,70 @@ def _snapshot(meters: list[_Meter], st: Mapping[str, Any]) -> dict[str, Any]:
     return {"time": time.time(), "meters": out, "outputs": _outputs_line(st)}
 
 
+@dataclass(frozen=True)
+class _BatteryInfo:
+    """What the HTTP output knows of a configured battery (from its ``[[batteries]]`` table)."""
+
+    sensors: tuple[str, ...]
+    stale_after_s: float
+    extras: Mapping[str, Any]   # the keys BatteryService.status() adds to the state: capacity_ah, ...
+
+    @classmethod
+    def of(cls, s: BatterySettings, interval_s: float) -> _BatteryInfo:
+        return cls(tuple(s.sensors), max(s.max_gap_s, 3.0 * interval_s),
+                   {"capacity_ah": s.capacity_ah, "discharge_floor_pct": s.discharge_floor_pct, "can_count": s.can_count})
+
+
+def _state_dict(st: BatteryState) -> dict[str, Any]:
+    """A BatteryState as BatteryService.status() gives it (None stays None)."""
+    d = asdict(st)
+    d["stale_sensors"] = list(st.stale_sensors)
+    return d
+
+
+def _short_reason(name: str, reason: str) -> str:
+    from ..battery_service import _why   # the one shortening (the InfluxDB field and `dcmon status` use it)
+
+    return _why(name, reason) if reason else ""
+
+
+def _batteries(states: Mapping[str, tuple[BatteryState, int]], up: Mapping[str, bool | None],
+               info: Mapping[str, _BatteryInfo], st: Mapping[str, Any], now_ns: int) -> list[dict[str, Any]]:
+    """Every battery for the page: its status.json entry, overridden by the newest state from on_battery
+    (newer), plus ``sensors``, ``down_sensors``, ``updated_ns`` (None: no state came yet), ``reason`` (the
+    unknown_reason, short) and ``stale``."""
+    from_status = st.get("batteries")
+    from_status = from_status if isinstance(from_status, Mapping) else {}
+    names = sorted({*info, *states, *(str(k) for k, v in from_status.items() if isinstance(v, Mapping))})
+    if not names:
+        return []
+    from ..battery import BatteryState
+
+    blank = dict.fromkeys((f.name for f in fields(BatteryState)), None)   # the same keys, always
+    out = []
+    for name in names:
+        i = info.get(name)
+        b: dict[str, Any] = {**blank, "name": name, "status": "unknown", "unknown_reason": "no reading yet",
+                             "stale_sensors": list(i.sensors) if i is not None else []}
+        b.update(from_status.get(name) or {})
+        got = states.get(name)
+        if got is not None:
+            b.update(_state_dict(got[0]))
+        if i is not None:
+            for k, v in i.extras.items():
+                b.setdefault(k, v)
+        sensors = list(i.sensors) if i is not None else sorted(set(b.get("stale_sensors") or []))
+        down = [s for s in sensors if up.get(s) is False]
+        stale_after = i.stale_after_s if i is not None else BATTERY_STALE_S
+        b["sensors"], b["down_sensors"] = sensors, down
+        b["updated_ns"] = got[1] if got is not None else None
+        b["reason"] = _short_reason(name, str(b.get("unknown_reason") or ""))
+        b["stale"] = bool(b.get("stale_sensors") or down or got is None
+                          or (now_ns - got[1]) / 1e9 > stale_after)
+        out.append(b)
+    return out
+
+
 def _page_html() -> bytes:
     return resources.files("dcmon.outputs").joinpath("http_page.html").read_bytes()
 
@@ -593,26 +677,40 @@ def _page_html() -> bytes:
 # ---------------------------------------------------------------------------------------- SSE clients
 
 class _Client:
-    """One SSE connection's bounded queue (drop-oldest)."""
+    """One SSE connection's bounded queue (drop-oldest). A message with a ``key`` (a battery's event)
+    replaces the one with the same key still queued, and a full queue drops its oldest message without a
+    key (a meter snapshot, which the next one supersedes) before any keyed one."""
 
     def __init__(self) -> None:
-        self.queue: collections.deque[bytes] = collections.deque(maxlen=SSE_QUEUE)
+        self.queue: collections.deque[tuple[str, bytes]] = collections.deque()
         self.cv = threading.Condition()
         self.closed = False
         self.dropped = 0
 
-    def push(self, msg: bytes) -> None:
+    def push(self, msg: bytes, key: str = "") -> None:
         with self.cv:
-            if len(self.queue) == self.queue.maxlen:
+            q = self.queue
+            if key:
+                for i, (k, _) in enumerate(q):
+                    if k == key:
+                        del q[i]
+                        break
+            if len(q) >= SSE_QUEUE:
                 self.dropped += 1
-            self.queue.append(msg)
+                for i, (k, _) in enumerate(q):
+                    if not k:
+                        del q[i]
+                        break
+                else:
+                    q.popleft()
+            q.append((key, msg))
             self.cv.notify()
 
     def take(self, timeout: float) -> list[bytes]:
         with self.cv:
             if not self.queue and not self.closed:
                 self.cv.wait(timeout)
-            items = list(self.queue)
+            items = [m for _, m in self.queue]
             self.queue.clear()
             return items
 
@@ -729,7 +827,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.settimeout(SSE_WRITE_TIMEOUT_S)
             # a small kernel buffer: a client that stops reading holds little memory and is noticed sooner
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SSE_SNDBUF)
-            self.wfile.write(b"retry: 3000\n" + _sse(out.snapshot()))
+            self.wfile.write(b"retry: 3000\n" + _sse(out.snapshot(batteries=False))
+                             + b"".join(_sse(b, "battery") for b in out.batteries()))
             while not client.closed:
                 for msg in client.take(1.0):
                     self.wfile.write(msg)
@@ -739,21 +838,26 @@ class _Handler(BaseHTTPRequestHandler):
             out.remove_client(client)
 
 
-def _sse(data: Mapping[str, Any]) -> bytes:
-    return b"data: " + json.dumps(data, default=str, separators=(",", ":")).encode() + b"\n\n"
+def _sse(data: Mapping[str, Any], event: str = "") -> bytes:
+    head = f"event: {event}\n".encode() if event else b""
+    return head + b"data: " + json.dumps(data, default=str, separators=(",", ":")).encode() + b"\n\n"
 
 
 # ------------------------------------------------------------------------------------------ output
 
 class HttpOutput:
-    """The server, in the poller's process. ``on_reading`` and ``meter_state`` only store into memory."""
+    """The server, in the poller's process. ``on_reading``, ``meter_state`` and ``on_battery`` only store into memory."""
 
     def __init__(self, settings: HttpSettings, *, status: Callable[[], dict], healthy: Callable[[], bool],
-                 host: str | None = None) -> None:
+                 host: str | None = None, batteries: Iterable[BatterySettings] = (), interval_s: float = 5.0) -> None:
+        """``batteries``: the ``[[batteries]]`` tables (their meters, for "stale"/DOWN on the page); a battery
+        not listed still shows, from on_battery and status.json, stale only by age."""
         self.settings = settings
         self.status = status
         self.healthy = healthy
         self._store = _Store(host or socket.gethostname())
+        self._battery_info = {b.name: _BatteryInfo.of(b, interval_s) for b in batteries}
+        self._battery_sent: dict[str, bytes] = {}   # the broadcaster's last battery event per battery
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(DcmonCollector(self._store, self._safe_status))
         ProcessCollector(registry=self.registry)
@@ -778,6 +882,11 @@ class HttpOutput:
         """After every poll of a meter: ``up`` False hides its value series (``dcmon_up 0``). ``labels``:
         host, bus, model (as the reading's tags)."""
         self._store.state(sensor, up, labels)
+        self._changed.set()
+
+    def on_battery(self, state: BatteryState) -> None:
+        """A battery monitor's new state: kept as the battery's newest (the object itself: it is frozen)."""
+        self._store.battery(state)
         self._changed.set()
 
     # ------------------------------------------------------------------------------------ lifecycle
@@ -841,9 +950,18 @@ class HttpOutput:
                 with self._clients_lock:
                     clients = list(self._clients)
                 if clients:
-                    msg = _sse(self.snapshot())
+                    st = self._safe_status()
+                    msg = _sse(self._meters_snapshot(st))
+                    events = []
+                    for b in self._batteries_now(st):   # only those that changed since the last round
+                        ev = _sse(b, "battery")
+                        if self._battery_sent.get(b["name"]) != ev:
+                            self._battery_sent[b["name"]] = ev
+                            events.append(("battery:" + b["name"], ev))
                     for c in clients:
                         c.push(msg)
+                        for key, ev in events:
+                            c.push(ev, key)
             except Exception as e:   # noqa: BLE001 - the thread's guard
                 log.warning("http: live update failed: %s", e)
             self._stop.wait(SNAPSHOT_MIN_INTERVAL_S)
@@ -863,9 +981,27 @@ class HttpOutput:
     def status_json(self) -> Any:
         return redact(self._safe_status())
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, batteries: bool = True) -> dict[str, Any]:
+        """What /state serves: every meter, the outputs' line and (``batteries``) every battery."""
         st = self._safe_status()
+        snap = self._meters_snapshot(st)
+        if batteries:
+            snap["batteries"] = self._batteries_now(st)
+        return snap
+
+    def batteries(self) -> list[dict[str, Any]]:
+        """Every battery as the page shows it (see ``_batteries``)."""
+        return self._batteries_now(self._safe_status())
+
+    def _meters_snapshot(self, st: Mapping[str, Any]) -> dict[str, Any]:
         return _snapshot(_with_status(self._store.copy(), _sensors_of(st), self._store.host), st)
+
+    def _batteries_now(self, st: Mapping[str, Any]) -> list[dict[str, Any]]:
+        states, up = self._store.copy_batteries()
+        for name, s in _sensors_of(st).items():   # meters not reported through meter_state() yet
+            if isinstance(s, Mapping) and isinstance(s.get("up"), bool):
+                up.setdefault(str(name), s["up"])
+        return _batteries(states, up, self._battery_info, st, time.time_ns())
 
     def add_client(self) -> _Client | None:
         with self._clients_lock:
@@ -949,8 +1085,10 @@ class HttpService(Output):
 
     name = "http"
 
-    def __init__(self, settings: HttpSettings, ctx: OutputContext, host: str) -> None:
-        self.server = HttpOutput(settings, status=ctx.status, healthy=ctx.healthy, host=host)
+    def __init__(self, settings: HttpSettings, ctx: OutputContext, host: str,
+                 batteries: Iterable[BatterySettings] = (), interval_s: float = 5.0) -> None:
+        self.server = HttpOutput(settings, status=ctx.status, healthy=ctx.healthy, host=host,
+                                 batteries=batteries, interval_s=interval_s)
 
     def start(self) -> None:
         self.server.start()   # a port that cannot be had: ConfigError naming http.listen, before any poll
@@ -960,6 +1098,9 @@ class HttpService(Output):
 
     def meter_state(self, sensor: str, up: bool, labels: Mapping[str, str]) -> None:
         self.server.meter_state(sensor, up, labels)
+
+    def on_battery(self, state: BatteryState) -> None:
+        self.server.on_battery(state)
 
     def status(self) -> dict[str, object]:
         return {"url": self.server.url, "clients": self.server.live_clients}
@@ -976,4 +1117,4 @@ def from_config(cfg: Config, ctx: OutputContext) -> Output | None:
         from ..config import table_values
 
         settings = HttpSettings.from_dict(table_values(cfg.http), cfg.source)
-    return HttpService(settings, ctx, cfg.host)
+    return HttpService(settings, ctx, cfg.host, cfg.batteries, cfg.poller.interval_s)
