@@ -106,6 +106,8 @@ def clock(now: float) -> float:
 
 
 def meters(model: BatteryModel) -> list[SimMeter]:
+    # the model's time starts now: else the first reading simulates (and waits for) every second since import
+    model.t_s = clock(time.monotonic())
     return [SimMeter(model=PZEM017, address=1, drive=model.drive("charge", clock)),
             SimMeter(model=PZEM017, address=2, drive=model.drive("load", clock))]
 
