@@ -37,7 +37,6 @@ from dcmon.poller import Poller
 from dcmon.simulator import SimMeter, Simulator
 
 SPEED = 300.0
-T0 = time.monotonic()
 HOST = "pi"
 
 # Home Assistant's DEVICE_CLASS_UNITS and DEVICE_CLASS_STATE_CLASSES for the device classes used here
@@ -100,10 +99,6 @@ url = "{url}"
 """
 
 
-def clock(now: float) -> float:
-    return (now - T0) * SPEED
-
-
 def render(template: str, payload: str) -> str:
     """A value template as Home Assistant's MQTT entities render it: value_json from the payload, the output
     as a stripped string ("None" = unknown)."""
@@ -116,6 +111,12 @@ class Rig:
 
     def __init__(self, tmp: Path, broker: Mosquitto, model: BatteryModel, **mqtt_kw) -> None:
         self.model = model
+        t0 = time.monotonic()   # the model's time 0 (it runs SPEED times faster), and the monitor's clock
+
+        def clock(now: float) -> float:
+            return (now - t0) * SPEED
+
+        self.clock = clock
         self.sim = Simulator([SimMeter(model=PZEM017, address=1, drive=model.drive("charge", clock)),
                               SimMeter(model=PZEM017, address=2, drive=model.drive("load", clock)),
                               SimMeter(model=PZEM017, address=3, steady=True)]).start()
@@ -133,7 +134,7 @@ class Rig:
             self.states.append(st)
             self.mqtt.on_battery(st)
 
-        svc = BatteryService.from_config(self.cfg, mono=lambda: clock(time.monotonic()), on_state=on_state)
+        svc = BatteryService.from_config(self.cfg, mono=self.now, on_state=on_state)
         assert svc is not None
         self.svc = svc
         self.poller = Poller(self.cfg, put=lambda lines: None, on_reading=self.mqtt.on_reading,
@@ -144,6 +145,10 @@ class Rig:
 
     def cycle(self) -> None:
         self.poller.poll_bus_once("a")
+
+    def now(self) -> float:
+        """The model's (and the monitor's) time now, s."""
+        return self.clock(time.monotonic())
 
     def close(self) -> None:
         self.mqtt.close()
@@ -179,14 +184,14 @@ def test_states_equal_the_battery_service_null_before_the_first_sync_numbers_aft
         rig.cycle()
         assert sub.wait(lambda m: any(t.endswith("/battery/house/state") for _, t, _ in m))
         first = battery_states(sub)[0]
-        start = clock(time.monotonic())
+        start = rig.now()
         while rig.svc.status()["house"]["soc_pct"] is None:           # charge until it synchronises
             rig.cycle()
-            assert clock(time.monotonic()) - start < 3 * 3600, "never synchronised"
+            assert rig.now() - start < 3 * 3600, "never synchronised"
         with model.lock:
             model.charger_max_a, model.load_a = 0.0, 1.0               # then discharge at 1 A
-        end = clock(time.monotonic()) + 600
-        while clock(time.monotonic()) < end:
+        end = rig.now() + 600
+        while rig.now() < end:
             rig.cycle()
         assert rig.mqtt.output.flush(10)
         status = rig.svc.status()["house"]
