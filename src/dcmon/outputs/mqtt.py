@@ -441,6 +441,7 @@ class MqttOutput:
         self._bat_floor: dict[str, dict[str, float]] = {}           # publisher thread only (battery_payload)
         self._pending: list[mqtt.MQTTMessageInfo] = []              # other messages not acknowledged yet (flush)
         self._flushing = 0
+        self._sending = False                                       # work taken from the sets, not yet published
         self._stopping = False
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -549,8 +550,8 @@ class MqttOutput:
 
     def _idle(self) -> bool:
         """Connected, nothing left to send and nothing in flight (call with _cv held)."""
-        if not self._connected or self._resync or self._announce or self._removals or self._avail_dirty \
-                or self._bat_avail_dirty or self._state_dirty or self._bat_dirty:
+        if not self._connected or self._sending or self._resync or self._announce or self._removals \
+                or self._avail_dirty or self._bat_avail_dirty or self._state_dirty or self._bat_dirty:
             return False
         self._pending = [i for i in self._pending if not _done(i)]
         return not self._pending and all(_done(i) for i in self._state_inflight.values()) \
@@ -825,7 +826,13 @@ class MqttOutput:
                             return
                         continue
                     work = self._take_work()
-                self._do(work)
+                    self._sending = True
+                try:
+                    self._do(work)
+                finally:
+                    with self._cv:
+                        self._sending = False
+                        self._cv.notify_all()
             except Exception as e:  # noqa: BLE001 - the thread must outlive a surprise; logged, retried
                 log.warning("%s: publishing failed (%s: %s); will retry", self.where, type(e).__name__, e)
                 time.sleep(1.0)
