@@ -347,6 +347,11 @@ class Service:
             if lane.output.sink() is not None and not lane.sender.flush(timeout_s=10.0):
                 log.warning("%s: %d reading(s) kept in the spool %s (%s)", lane.output.name, lane.spool.stats().depth,
                             lane.spool.path, lane.sender.last_error or "not sent in time")
+        for out in self.outputs:   # the live outputs (MQTT's states): delivered before the process exits
+            try:
+                out.flush()
+            except Exception as e:   # noqa: BLE001 - as in _on_reading
+                self._complain(out.name, "flush", e)
         if cfg.influxdb.enabled:
             # send while it works (a backlog too, for up to 30 s); the first failure ends it with one line
             deadline = time.monotonic() + 30.0

@@ -11,6 +11,8 @@ registry in ``dcmon.outputs`` and then, for each of them,
 - ``on_battery(state)`` after every cycle that read one of a battery's meters (``[[batteries]]``): the
   battery monitor's ``dcmon.battery.BatteryState`` (None values are unknown, never 0), on the bus thread:
   never block either;
+- ``flush()`` (``dcmon run --once`` only, after its cycle): deliver what was handed over, waiting at most the
+  output's own timeout; False when it could not (the output logs one line saying why);
 - ``status()``: a small JSON-able dict for status.json (``dcmon status``, ``/status``), under
   ``"outputs"``;
 - ``close()`` once, at the end.
@@ -81,6 +83,10 @@ class Output:
 
     def on_battery(self, state: BatteryState) -> None:
         """A battery monitor's new state (after a cycle that read its meters), on a bus thread: never block."""
+
+    def flush(self) -> bool:
+        """`run --once`: deliver what was handed over before the process exits (up to the output's timeout)."""
+        return True
 
     def sink(self) -> Sink | None:
         """A durable output's destination (drained from its spool by a Sender); None: keep the spool only."""

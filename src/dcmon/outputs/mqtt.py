@@ -7,15 +7,24 @@ Topics (``<p>`` = ``mqtt.topic_prefix``, ``<h>`` = the host, ``<s>`` = the senso
     <p>/<h>/<s>/availability        online / offline, retained: does the meter answer?
     <p>/<h>/<s>/state               newest reading as JSON (retained when mqtt.retain_state)
     <p>/<h>/<s>/reading             opt-in stream: every reading, QoS 1, in order, at least once
+    <p>/<h>/battery/<b>/state       a battery monitor's newest state as JSON (``<b>`` = the battery; unknown = null)
+    <p>/<h>/battery/<b>/availability  online / offline, retained: are all its meters read?
     <d>/sensor/dcmon_<h>/<s>_<field>/config          Home Assistant discovery (``<d>`` = discovery_prefix)
     <d>/binary_sensor/dcmon_<h>/<s>_<alarm>/config   alarms
+    <d>/sensor/dcmon_<h>/_battery_<b>_<value>/config a battery's entities
     <d>/binary_sensor/dcmon_<h>/poller/config        the poller's own device (connectivity)
+
+A battery's topics have one level more than a meter's, and its discovery object ids start with ``_`` (which
+no sensor's slug does), so a sensor named "battery" cannot collide with them.
 
 Two kinds of delivery, because Home Assistant and a database want different things after an outage:
 - ``publish_state(reading)`` never blocks and never queues history: it keeps the newest reading per meter
   and a publisher thread sends it when connected, with at most one state message per meter in flight.
   After a broker outage only the newest state per meter goes out (plus, at most, the one that was in
-  flight when the connection dropped, which paho re-sends first).
+  flight when the connection dropped, which paho re-sends first). ``publish_battery(state)`` does the same
+  for each battery monitor's state (``[[batteries]]``).
+- ``flush()`` (``dcmon run --once``) waits, up to ``mqtt.timeout_s``, for the connection and for everything
+  pending to be acknowledged (QoS 1) or written (QoS 0).
 - ``send_batch(lines)`` (alias ``write``, the InfluxSink contract the sender drives) publishes every line
   of a spool batch on ``.../reading`` at QoS 1 and returns once the broker acknowledged all of them, or
   raises SinkRetryable (not connected, no PUBACK within ``mqtt.timeout_s``) / SinkAuth (the broker refused
@@ -53,11 +62,13 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from .. import __version__
 from ..errors import ConfigError, SinkAuth, SinkError, SinkPermanent, SinkRetryable
+from ..battery_service import influx_fields
 from ..models import Model, decimals
 from ..reading import FieldScalar, Reading
 from .base import Output, OutputContext
 
 if TYPE_CHECKING:
+    from ..battery import BatterySettings, BatteryState
     from ..config import Config
 
 log = logging.getLogger(__name__)
@@ -292,6 +303,76 @@ def stream_payload(r: Reading) -> str:
     return json.dumps(d, separators=(",", ":"), allow_nan=False)
 
 
+# ------------------------------------------------------------------------------------------ batteries
+
+@dataclass(frozen=True)
+class BatteryInfo:
+    """What the MQTT output needs to know about one configured battery (``[[batteries]]``)."""
+
+    name: str                      # the configured name (the ``battery`` tag in InfluxDB)
+    sensors: tuple[str, ...] = ()  # its meters: the battery is unavailable while one of them is down
+    model: str = "battery monitor"  # shown as the Home Assistant device's model
+
+    @classmethod
+    def of(cls, b: BatterySettings) -> BatteryInfo:
+        chem = {"lead-acid": "lead-acid", "lifepo4": "LiFePO4"}.get(b.chemistry, b.chemistry)
+        return cls(b.name, tuple(b.sensors), f"battery monitor ({chem}, {b.capacity_ah:g} Ah, {b.nominal_v:g} V)")
+
+
+# Every key of a battery's state JSON: the fields of InfluxDB's ``battery`` measurement (docs/battery.md),
+# each present in every message, null while unknown (never 0).
+BATTERY_KEYS = ("status", "soc_known", "soc_pct", "unknown_reason", "time_to_go_s", "voltage_v", "net_current_a",
+                "net_power_w", "consumed_ah", "charged_ah", "discharged_ah", "charged_kwh", "discharged_kwh",
+                "deepest_discharge_ah", "last_discharge_ah", "average_discharge_ah", "full_cycles",
+                "synchronisations", "min_voltage_v", "max_voltage_v", "time_since_full_s")
+# History counters Home Assistant reads as total_increasing: the estimate may step back by a few mWh within
+# the meters' 1 Wh resolution (dcmon.battery); such a dip is held at the last value sent (a drop of more than
+# 10 %, a history started afresh, is passed on: Home Assistant takes it as a new cycle, as it does itself).
+_MONOTONE = ("charged_ah", "discharged_ah", "charged_kwh", "discharged_kwh")
+
+
+def battery_payload(st: BatteryState, time_ns: int, floor: dict[str, float] | None = None) -> str:
+    """A battery's state as JSON: ``time`` (ISO 8601, UTC), every key of BATTERY_KEYS (the InfluxDB field
+    names and values; null = unknown), ``last_full`` (ISO 8601 or null) and ``stale_sensors``. ``floor``: the
+    last values sent of the history counters, updated here (see _MONOTONE)."""
+    d: dict[str, Any] = {"time": iso_time(time_ns)}
+    d.update(dict.fromkeys(BATTERY_KEYS))
+    d.update(influx_fields(st))
+    d["last_full"] = iso_time(st.last_full_ns) if st.last_full_ns is not None else None
+    d["stale_sensors"] = list(st.stale_sensors)
+    if floor is not None:
+        for k in _MONOTONE:
+            v, prev = d.get(k), floor.get(k)
+            if not isinstance(v, (int, float)):
+                continue
+            if prev is not None and 0.9 * prev <= v < prev:
+                d[k] = prev
+            else:
+                floor[k] = float(v)
+    return json.dumps(d, separators=(",", ":"), allow_nan=False)
+
+
+# entity key -> (name, device_class, state_class, unit, display precision, value template)
+_HOURS = "{{ none if value_json.%s is none else (value_json.%s / 3600) | round(3) }}"
+_STATUSES = ("charging", "discharging", "idle")
+BATTERY_ENTITIES: dict[str, tuple[str, str | None, str | None, str | None, int | None, str]] = {
+    "soc": ("State of charge", "battery", "measurement", "%", 1, "{{ value_json.soc_pct }}"),
+    "time_to_go": ("Time to go", "duration", "measurement", "h", 1, _HOURS % ("time_to_go_s", "time_to_go_s")),
+    "net_current": ("Net current", "current", "measurement", "A", 2, "{{ value_json.net_current_a }}"),
+    "voltage": ("Voltage", "voltage", "measurement", "V", 2, "{{ value_json.voltage_v }}"),
+    "net_power": ("Net power", "power", "measurement", "W", 1, "{{ value_json.net_power_w }}"),
+    "consumed": ("Consumed", None, "measurement", "Ah", 1, "{{ value_json.consumed_ah }}"),
+    "charged_energy": ("Energy charged", "energy", "total_increasing", "kWh", 3, "{{ value_json.charged_kwh }}"),
+    "discharged_energy": ("Energy discharged", "energy", "total_increasing", "kWh", 3,
+                          "{{ value_json.discharged_kwh }}"),
+    "status": ("Status", "enum", None, None, None,
+               "{{ value_json.status if value_json.status in %s else none }}" % (list(_STATUSES),)),
+    "synchronisations": ("Synchronisations", None, "total_increasing", None, 0, "{{ value_json.synchronisations }}"),
+    "time_since_full": ("Time since full charge", "duration", "measurement", "h", 1,
+                        _HOURS % ("time_since_full_s", "time_since_full_s")),
+}
+
+
 # ------------------------------------------------------------------------------------------ output
 
 class MqttOutput:
@@ -299,6 +380,7 @@ class MqttOutput:
     from any thread; none of them waits on the network except ``send_batch`` and ``close``."""
 
     def __init__(self, settings: MqttSettings, *, host: str, meters: Sequence[MeterInfo],
+                 batteries: Sequence[BatteryInfo] = (),
                  reading_measurements: Sequence[str] = READING_MEASUREMENTS,
                  reconnect_min_s: int = 1, reconnect_max_s: int = 60, keepalive_s: int = 60) -> None:
         self.settings = s = settings
@@ -323,6 +405,18 @@ class MqttOutput:
             taken[sl] = m.sensor
             self.meters[m.sensor] = m
             self._slugs[m.sensor] = sl
+        self.batteries: dict[str, BatteryInfo] = {}
+        self._bslugs: dict[str, str] = {}
+        btaken: dict[str, str] = {}
+        for b in batteries:
+            sl = slug(b.name)
+            if sl in btaken and btaken[sl] != b.name:
+                raise ConfigError(s.source or "config", "batteries",
+                                  f"battery names {btaken[sl]!r} and {b.name!r} give the same MQTT topic {sl!r}",
+                                  "rename one of them")
+            btaken[sl] = b.name
+            self.batteries[b.name] = b
+            self._bslugs[b.name] = sl
         self.configs: dict[str, str] = self._discovery_configs() if s.discovery else {}
         self._config_filters = [f"{s.discovery_prefix}/{c}/{self.node_id}/+/config" for c in ("sensor", "binary_sensor")]
         self._birth_topic = f"{s.discovery_prefix}/status"
@@ -339,6 +433,15 @@ class MqttOutput:
         self._latest: dict[str, Reading] = {}
         self._state_dirty: set[str] = set()
         self._state_inflight: dict[str, mqtt.MQTTMessageInfo] = {}
+        self._bat_latest: dict[str, tuple[BatteryState, int]] = {}   # battery -> (newest state, wall time)
+        self._bat_dirty: set[str] = set()
+        self._bat_inflight: dict[str, mqtt.MQTTMessageInfo] = {}
+        self._bat_avail: dict[str, str] = {}
+        self._bat_avail_dirty: set[str] = set()
+        self._bat_floor: dict[str, dict[str, float]] = {}           # publisher thread only (battery_payload)
+        self._pending: list[mqtt.MQTTMessageInfo] = []              # other messages not acknowledged yet (flush)
+        self._flushing = 0
+        self._sending = False                                       # work taken from the sets, not yet published
         self._stopping = False
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -351,6 +454,7 @@ class MqttOutput:
         self.connects = 0
         self.states_sent = 0
         self.states_coalesced = 0       # newer readings that replaced one not yet sent
+        self.battery_states_sent = 0
         self.stream_sent = 0
         self.announcements = 0
         self.entities_removed = 0
@@ -383,6 +487,11 @@ class MqttOutput:
         """``<prefix>/<host>/<sensor>/<leaf>`` (leaf: availability, state, reading)."""
         return f"{self.base}/{self._slugs.get(sensor) or slug(sensor)}/{leaf}"
 
+    def battery_topic(self, battery: str, leaf: str) -> str:
+        """``<prefix>/<host>/battery/<battery>/<leaf>`` (leaf: availability, state): one level more than a
+        meter's topics, so no sensor name can give the same topic."""
+        return f"{self.base}/battery/{self._bslugs.get(battery) or slug(battery)}/{leaf}"
+
     # ------------------------------------------------------------------------------ life cycle
 
     def start(self) -> MqttOutput:
@@ -409,6 +518,44 @@ class MqttOutput:
         """True once connected (for tests and `run --once`)."""
         with self._cv:
             return self._cv.wait_for(lambda: self._connected, timeout_s)
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait, up to ``timeout_s`` in all (default mqtt.timeout_s), for the connection and until everything
+        handed over so far (discovery, availability, newest states) was acknowledged by the broker (QoS 1) or
+        written to it (QoS 0): `dcmon run --once` calls it before it exits. False (and one warning line) if not."""
+        t = self.settings.timeout_s if timeout_s is None else timeout_s
+        end = time.monotonic() + t
+        if not self.wait_connected(t):
+            log.warning("%s: not connected within %g s (%s): this run's states were not published", self.where,
+                        t, self.last_error)
+            return False
+        with self._cv:
+            self._flushing += 1
+            try:
+                while not self._idle():
+                    left = end - time.monotonic()
+                    if left <= 0 or not self._connected:
+                        break
+                    self._cv.wait(min(0.05, left))  # paho marks a message acknowledged just after on_publish
+                done = self._idle()
+                waiting = len(self._state_dirty) + len(self._bat_dirty) + sum(
+                    1 for i in [*self._state_inflight.values(), *self._bat_inflight.values(), *self._pending]
+                    if not _done(i))
+            finally:
+                self._flushing -= 1
+        if not done:
+            log.warning("%s: %d message(s) not acknowledged within %g s (%s)", self.where, waiting, t,
+                        self.last_error or "the broker is slow")
+        return done
+
+    def _idle(self) -> bool:
+        """Connected, nothing left to send and nothing in flight (call with _cv held)."""
+        if not self._connected or self._sending or self._resync or self._announce or self._removals \
+                or self._avail_dirty or self._bat_avail_dirty or self._state_dirty or self._bat_dirty:
+            return False
+        self._pending = [i for i in self._pending if not _done(i)]
+        return not self._pending and all(_done(i) for i in self._state_inflight.values()) \
+            and all(_done(i) for i in self._bat_inflight.values())
 
     def close(self, timeout_s: float | None = None) -> None:
         """Stop: send what is pending (discovery, availability, newest states), publish ``offline`` on the
@@ -450,6 +597,7 @@ class MqttOutput:
             if self._avail.get(sensor) != ONLINE:
                 self._avail[sensor] = ONLINE
                 self._avail_dirty.add(sensor)
+                self._update_battery_avail(sensor)
             self._cv.notify_all()
 
     def meter_up(self, sensor: str) -> None:
@@ -466,7 +614,37 @@ class MqttOutput:
             if self._avail.get(sensor) != value:
                 self._avail[sensor] = value
                 self._avail_dirty.add(sensor)
+                self._update_battery_avail(sensor)
                 self._cv.notify_all()
+
+    def publish_battery(self, state: BatteryState) -> None:
+        """Send this battery monitor's state as its newest (never blocks; only the newest per battery is kept
+        while disconnected). The battery is available while none of its meters is stale or down."""
+        name = state.name
+        if name not in self.batteries:
+            log.debug("%s: state of unknown battery %r not published", self.where, name)
+            return
+        with self._cv:
+            if name in self._bat_dirty:
+                self.states_coalesced += 1
+            self._bat_latest[name] = (state, time.time_ns())
+            self._bat_dirty.add(name)
+            self._update_battery_avail(None, name)
+            self._cv.notify_all()
+
+    def _update_battery_avail(self, sensor: str | None, battery: str | None = None) -> None:
+        """Recompute the availability of ``battery``, or of every battery that has ``sensor`` (_cv held)."""
+        for name, b in self.batteries.items():
+            if name != battery and (sensor is None or sensor not in b.sensors):
+                continue
+            latest = self._bat_latest.get(name)
+            if latest is None:
+                continue   # nothing to show yet: Home Assistant keeps it unavailable
+            up = not latest[0].stale_sensors and all(self._avail.get(m) != OFFLINE for m in b.sensors)
+            value = ONLINE if up else OFFLINE
+            if self._bat_avail.get(name) != value:
+                self._bat_avail[name] = value
+                self._bat_avail_dirty.add(name)
 
     # ------------------------------------------------------------------------------ the stream
 
@@ -542,6 +720,8 @@ class MqttOutput:
                 "stream_in_flight": sum(1 for i in self._stream_pending if not _acked(i)),
                 "announcements": self.announcements, "entities_removed": self.entities_removed,
                 "meters_offline": sorted(k for k, v in self._avail.items() if v == OFFLINE),
+                "battery_states_sent": self.battery_states_sent,
+                "batteries_offline": sorted(k for k, v in self._bat_avail.items() if v == OFFLINE),
             }
 
     # --------------------------------------------------------------------------- discovery
@@ -588,6 +768,44 @@ class MqttOutput:
                 if unit:
                     cfg["unit_of_measurement"] = unit
                 out[f"{dp}/sensor/{node}/{sl}_{f}/config"] = _dumps(cfg)
+        for name, b in self.batteries.items():
+            out.update(self._battery_configs(name, b, origin))
+        return out
+
+    def _battery_configs(self, name: str, b: BatteryInfo, origin: dict[str, str]) -> dict[str, str]:
+        """One Home Assistant device per battery (via the poller's), one sensor per BATTERY_ENTITIES entry.
+        Object ids and unique ids carry ``_battery_`` after the node id: a sensor's never starts with ``_``."""
+        s = self.settings
+        dp, node = s.discovery_prefix, self.node_id
+        bs = self._bslugs[name]
+        dev_id = f"{self._poller_device_id}__battery_{bs}"
+        device = {"identifiers": [dev_id], "name": name, "manufacturer": "dcmon", "model": b.model,
+                  "via_device": self._poller_device_id}
+        availability = [{"topic": t, "payload_available": ONLINE, "payload_not_available": OFFLINE}
+                        for t in (self.status_topic, self.battery_topic(name, "availability"))]
+        out: dict[str, str] = {}
+        for key, (label, dclass, sclass, unit, places, template) in BATTERY_ENTITIES.items():
+            cfg: dict[str, Any] = {"name": label, "unique_id": f"{dev_id}_{key}",
+                                   "state_topic": self.battery_topic(name, "state"), "value_template": template,
+                                   "availability": availability, "availability_mode": "all", "qos": s.qos,
+                                   "device": device, "origin": origin}
+            if dclass:
+                cfg["device_class"] = dclass
+            if sclass:
+                cfg["state_class"] = sclass
+            if unit:
+                cfg["unit_of_measurement"] = unit
+            if places is not None:
+                cfg["suggested_display_precision"] = places
+            if dclass == "enum":
+                cfg["options"] = list(_STATUSES)
+            if key == "soc":   # why it is unknown, and which meters are stale, as attributes
+                cfg["json_attributes_topic"] = self.battery_topic(name, "state")
+                cfg["json_attributes_template"] = ("{{ {'unknown_reason': value_json.unknown_reason, "
+                                                   "'stale_sensors': value_json.stale_sensors} | tojson }}")
+            if key == "synchronisations":
+                cfg["entity_category"] = "diagnostic"
+            out[f"{dp}/sensor/{node}/_battery_{bs}_{key}/config"] = _dumps(cfg)
         return out
 
     # --------------------------------------------------------------------- publisher thread
@@ -598,14 +816,23 @@ class MqttOutput:
         while True:
             try:
                 with self._cv:
-                    self._cv.wait_for(lambda: self._stopping or self._has_work(), _IDLE_S)
+                    # a state waiting for its predecessor's acknowledgement: look again soon (paho marks a
+                    # message acknowledged just after on_publish, so that wake-up can come too early)
+                    idle = 0.05 if self._connected and (self._state_dirty or self._bat_dirty) else _IDLE_S
+                    self._cv.wait_for(lambda: self._stopping or self._has_work(), idle)
                     self.last_progress = time.monotonic()
                     if not self._has_work():
                         if self._stopping:  # close(): what was pending has gone out first
                             return
                         continue
                     work = self._take_work()
-                self._do(*work)
+                    self._sending = True
+                try:
+                    self._do(work)
+                finally:
+                    with self._cv:
+                        self._sending = False
+                        self._cv.notify_all()
             except Exception as e:  # noqa: BLE001 - the thread must outlive a surprise; logged, retried
                 log.warning("%s: publishing failed (%s: %s); will retry", self.where, type(e).__name__, e)
                 time.sleep(1.0)
@@ -613,60 +840,85 @@ class MqttOutput:
     def _has_work(self) -> bool:
         if not self._connected:
             return False
-        if self._resync or self._announce or self._removals or self._avail_dirty:
+        if self._resync or self._announce or self._removals or self._avail_dirty or self._bat_avail_dirty:
             return True
-        return any(self._can_send_state(s) for s in self._state_dirty)
+        return any(self._can_send_state(s) for s in self._state_dirty) or \
+            any(self._can_send_battery(b) for b in self._bat_dirty)
 
     def _can_send_state(self, sensor: str) -> bool:
         info = self._state_inflight.get(sensor)
-        return info is None or _acked(info)
+        return info is None or _done(info)
 
-    def _take_work(self) -> tuple[bool, bool, list[str], list[tuple[str, str]], list[tuple[str, Reading]]]:
+    def _can_send_battery(self, battery: str) -> bool:
+        info = self._bat_inflight.get(battery)
+        return info is None or _done(info)
+
+    def _take_work(self) -> _Work:
         resync, self._resync = self._resync, False
         if resync:
             self._announce = True
             self._avail_dirty |= set(self._avail)
             self._state_dirty |= set(self._latest)
+            self._bat_avail_dirty |= set(self._bat_avail)
+            self._bat_dirty |= set(self._bat_latest)
         announce, self._announce = self._announce, False
         removals, self._removals = sorted(self._removals), set()
-        avail = [(k, self._avail[k]) for k in sorted(self._avail_dirty)]
+        avail = [(self.topic(k, "availability"), self._avail[k]) for k in sorted(self._avail_dirty)]
+        avail += [(self.battery_topic(k, "availability"), self._bat_avail[k]) for k in sorted(self._bat_avail_dirty)]
         self._avail_dirty.clear()
+        self._bat_avail_dirty.clear()
         states: list[tuple[str, Reading]] = []
+        batteries: list[tuple[str, BatteryState, int]] = []
         if not announce:  # Home Assistant wants the configs before the states
             for sensor in sorted(self._state_dirty):
                 if self._can_send_state(sensor):
                     states.append((sensor, self._latest[sensor]))
             self._state_dirty -= {k for k, _ in states}
-        return resync, announce, removals, avail, states
+            for name in sorted(self._bat_dirty):
+                if self._can_send_battery(name):
+                    batteries.append((name, *self._bat_latest[name]))
+            self._bat_dirty -= {k for k, _, _ in batteries}
+        return _Work(resync, announce, removals, avail, states, batteries)
 
-    def _do(self, resync: bool, announce: bool, removals: list[str], avail: list[tuple[str, str]],
-            states: list[tuple[str, Reading]]) -> None:
+    def _do(self, w: _Work) -> None:
         s = self.settings
+        resync, announce, removals, avail, states = w.resync, w.announce, w.removals, w.avail, w.states
+        pending: list[mqtt.MQTTMessageInfo] = []
         if resync:
             self._publish(self.status_topic, ONLINE, s.qos, True)
             subs = [(self._birth_topic, 0)] + [(f, 0) for f in self._config_filters]
             self._client.subscribe(subs)
         if announce:
             for t, payload in self.configs.items():
-                self._publish(t, payload, s.qos, True)
+                pending.append(self._publish(t, payload, s.qos, True))
             with self._cv:
                 self.announcements += 1
                 self._state_dirty |= set(self._latest)  # after a Home Assistant restart it needs states again
+                self._bat_dirty |= set(self._bat_latest)
                 self._cv.notify_all()
         for t in removals:
-            self._publish(t, "", s.qos, True)
+            pending.append(self._publish(t, "", s.qos, True))
             log.info("%s: removed the Home Assistant entity %s (no longer in the config)", self.where,
                      t.rsplit("/", 2)[-2])
         if removals:
             with self._cv:
                 self.entities_removed += len(removals)
-        for sensor, value in avail:
-            self._publish(self.topic(sensor, "availability"), value, s.qos, True)
+        for topic, value in avail:
+            pending.append(self._publish(topic, value, s.qos, True))
         for sensor, r in states:
             info = self._publish(self.topic(sensor, "state"), state_payload(r), s.qos, s.retain_state)
             with self._cv:
                 self._state_inflight[sensor] = info
                 self.states_sent += 1
+        for name, st, t_ns in w.batteries:
+            payload = battery_payload(st, t_ns, self._bat_floor.setdefault(name, {}))
+            info = self._publish(self.battery_topic(name, "state"), payload, s.qos, s.retain_state)
+            with self._cv:
+                self._bat_inflight[name] = info
+                self.battery_states_sent += 1
+        if pending:
+            with self._cv:
+                self._pending = [i for i in self._pending if not _done(i)] + pending
 
     def _publish(self, topic: str, payload: str, qos: int, retain: bool) -> mqtt.MQTTMessageInfo:
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
@@ -754,7 +1006,7 @@ class MqttOutput:
                     properties: object) -> None:
         try:
             with self._cv:
-                if self._state_dirty:
+                if self._state_dirty or self._bat_dirty or self._flushing:
                     self._cv.notify_all()
         except Exception:  # noqa: BLE001
             log.exception("%s: on_publish failed", self.where)
@@ -768,6 +1020,18 @@ class MqttOutput:
 
 # ------------------------------------------------------------------------------------------ helpers
 
+@dataclass
+class _Work:
+    """What the publisher thread sends in one round (taken under _cv, sent without it)."""
+
+    resync: bool
+    announce: bool
+    removals: list[str]
+    avail: list[tuple[str, str]]                    # (topic, online/offline)
+    states: list[tuple[str, Reading]]
+    batteries: list[tuple[str, BatteryState, int]]  # (battery, state, wall time of the state)
+
+
 def _dumps(d: dict[str, Any]) -> str:
     return json.dumps(d, separators=(",", ":"))
 
@@ -777,6 +1041,12 @@ def _acked(info: mqtt.MQTTMessageInfo) -> bool:
         return info.is_published()
     except (RuntimeError, ValueError):
         return False
+
+
+def _done(info: mqtt.MQTTMessageInfo) -> bool:
+    """Nothing more will happen to this message: acknowledged (QoS 1) or written (QoS 0), or a QoS 0 message
+    paho dropped because the connection was gone (a reconnect sends every newest state again)."""
+    return info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN or _acked(info)
 
 
 def _tls_text(e: BaseException) -> str:
@@ -898,6 +1168,7 @@ class MqttService(Output):
         self.settings = settings
         self.output = MqttOutput(settings, host=cfg.host,
                                  meters=[MeterInfo(s.name, s.meter, s.bus, s.address) for s in cfg.enabled_sensors()],
+                                 batteries=[BatteryInfo.of(b) for b in cfg.batteries],
                                  reading_measurements=(cfg.influxdb.measurement, cfg.influxdb.measurement_ac))
         self.durable = settings.stream
         self.spool_path = cfg.mqtt_spool_path() if settings.stream else None
@@ -910,6 +1181,12 @@ class MqttService(Output):
 
     def meter_state(self, sensor: str, up: bool, labels: Mapping[str, str]) -> None:
         (self.output.meter_up if up else self.output.meter_down)(sensor)
+
+    def on_battery(self, state: BatteryState) -> None:
+        self.output.publish_battery(state)
+
+    def flush(self) -> bool:
+        return self.output.flush()
 
     def sink(self) -> MqttOutput | None:
         return self.output if self.durable else None
