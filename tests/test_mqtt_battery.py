@@ -216,8 +216,8 @@ def test_states_equal_the_battery_service_null_before_the_first_sync_numbers_aft
     for k in ("soc_pct", "time_to_go_s", "voltage_v", "consumed_ah", "full_cycles", "time_since_full_s",
               "min_voltage_v", "max_voltage_v"):
         assert last[k] == pytest.approx(status[k], abs=0.051 if k.endswith("_s") else 1e-3), k   # InfluxDB's decimals
-    for k in ("charged_ah", "discharged_ah", "charged_kwh", "discharged_kwh"):   # held over a dip of a few mWh
-        assert status[k] - 1e-5 <= last[k] <= status[k] + 0.01, k
+    for k in ("charged_ah", "discharged_ah", "charged_kwh", "discharged_kwh"):   # as InfluxDB's decimals
+        assert last[k] == pytest.approx(status[k], abs=1e-5), k
     assert last["net_current_a"] == pytest.approx(status["current_a"], abs=1e-3) == pytest.approx(-1.0, abs=0.05)
     assert last["net_power_w"] == pytest.approx(status["power_w"], abs=1e-2)
     assert (last["status"], last["synchronisations"], last["unknown_reason"]) == ("discharging", 1, None)
@@ -456,21 +456,14 @@ def test_run_once_without_a_broker_says_so_in_one_line(tmp_path, capfd):
     assert len(lines) == 1 and "states were not published" in lines[0] and "connection refused" in lines[0]
 
 
-def test_history_counters_never_step_back_but_a_fresh_history_is_passed_on():
-    """Home Assistant reads charged/discharged kWh as total_increasing and warns about any dip; the estimate
-    can step back a few mWh within the meters' 1 Wh resolution (dcmon.battery), so the output holds such a dip
-    at the last value sent. A drop of more than 10 % (a history started afresh) is passed on as it is."""
+def test_the_payload_has_every_key_unknowns_as_null():
+    """Every key is in every message (Home Assistant's templates read them), null while unknown."""
     import dataclasses
 
-    from dcmon.outputs.mqtt import battery_payload
+    from dcmon.outputs.mqtt import BATTERY_KEYS, battery_payload
 
     mon = BatteryMonitor(BatterySettings.preset("house", 100, charge=["charger"], discharge=["loads"]))
     st = mon.snapshot()
-    floor: dict[str, float] = {}
-    sent = []
-    for kwh in (1.0, 0.9995, 1.002, 0.05):
-        d = json.loads(battery_payload(dataclasses.replace(st, charged_kwh=kwh, discharged_ah=kwh * 80), 0, floor))
-        sent.append((d["charged_kwh"], d["discharged_ah"]))
-    assert sent == [(1.0, 80.0), (1.0, 80.0), (1.002, 80.16), (0.05, 4.0)]
-    plain = json.loads(battery_payload(dataclasses.replace(st, charged_kwh=0.9995), 0))   # no floor: as it is
+    plain = json.loads(battery_payload(dataclasses.replace(st, charged_kwh=0.9995), 0))
     assert plain["charged_kwh"] == 0.9995 and plain["soc_pct"] is None and plain["time"].startswith("1970-01-01T")
+    assert set(BATTERY_KEYS) <= set(plain) and plain["time_to_go_s"] is None and plain["consumed_ah"] is None

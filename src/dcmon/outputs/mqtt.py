@@ -325,30 +325,17 @@ BATTERY_KEYS = ("status", "soc_known", "soc_pct", "unknown_reason", "time_to_go_
                 "net_power_w", "consumed_ah", "charged_ah", "discharged_ah", "charged_kwh", "discharged_kwh",
                 "deepest_discharge_ah", "last_discharge_ah", "average_discharge_ah", "full_cycles",
                 "synchronisations", "min_voltage_v", "max_voltage_v", "time_since_full_s")
-# History counters Home Assistant reads as total_increasing: the estimate may step back by a few mWh within
-# the meters' 1 Wh resolution (dcmon.battery); such a dip is held at the last value sent (a drop of more than
-# 10 %, a history started afresh, is passed on: Home Assistant takes it as a new cycle, as it does itself).
-_MONOTONE = ("charged_ah", "discharged_ah", "charged_kwh", "discharged_kwh")
+# (charged/discharged Ah and kWh, which Home Assistant reads as total_increasing, only ever grow: dcmon.battery)
 
 
-def battery_payload(st: BatteryState, time_ns: int, floor: dict[str, float] | None = None) -> str:
+def battery_payload(st: BatteryState, time_ns: int) -> str:
     """A battery's state as JSON: ``time`` (ISO 8601, UTC), every key of BATTERY_KEYS (the InfluxDB field
-    names and values; null = unknown), ``last_full`` (ISO 8601 or null) and ``stale_sensors``. ``floor``: the
-    last values sent of the history counters, updated here (see _MONOTONE)."""
+    names and values; null = unknown), ``last_full`` (ISO 8601 or null) and ``stale_sensors``."""
     d: dict[str, Any] = {"time": iso_time(time_ns)}
     d.update(dict.fromkeys(BATTERY_KEYS))
     d.update(influx_fields(st))
     d["last_full"] = iso_time(st.last_full_ns) if st.last_full_ns is not None else None
     d["stale_sensors"] = list(st.stale_sensors)
-    if floor is not None:
-        for k in _MONOTONE:
-            v, prev = d.get(k), floor.get(k)
-            if not isinstance(v, (int, float)):
-                continue
-            if prev is not None and 0.9 * prev <= v < prev:
-                d[k] = prev
-            else:
-                floor[k] = float(v)
     return json.dumps(d, separators=(",", ":"), allow_nan=False)
 
 
@@ -438,7 +425,6 @@ class MqttOutput:
         self._bat_inflight: dict[str, mqtt.MQTTMessageInfo] = {}
         self._bat_avail: dict[str, str] = {}
         self._bat_avail_dirty: set[str] = set()
-        self._bat_floor: dict[str, dict[str, float]] = {}           # publisher thread only (battery_payload)
         self._pending: list[mqtt.MQTTMessageInfo] = []              # other messages not acknowledged yet (flush)
         self._flushing = 0
         self._sending = False                                       # work taken from the sets, not yet published
@@ -911,7 +897,7 @@ class MqttOutput:
                 self._state_inflight[sensor] = info
                 self.states_sent += 1
         for name, st, t_ns in w.batteries:
-            payload = battery_payload(st, t_ns, self._bat_floor.setdefault(name, {}))
+            payload = battery_payload(st, t_ns)
             info = self._publish(self.battery_topic(name, "state"), payload, s.qos, s.retain_state)
             with self._cv:
                 self._bat_inflight[name] = info
