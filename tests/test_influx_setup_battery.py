@@ -20,6 +20,7 @@ of ``$rp``, against numbers computed here from the series that policy holds.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -260,9 +261,13 @@ def stored(bat, rp: str) -> dict[tuple[str, str], dict[int, dict]]:
 
 
 def same(got: dict, want: dict) -> bool:
-    return got.keys() == want.keys() and all(
-        got[k] == pytest.approx(want[k], rel=1e-9, abs=1e-9) if isinstance(want[k], float) else got[k] == want[k]
-        for k in want)
+    """The same fields; numbers equal to 1e-9 (the sums' order differs; JSON shows a float 0.0 as 0), booleans
+    and strings exactly."""
+    def eq(g: object, w: object) -> bool:
+        if isinstance(w, (bool, str)) or isinstance(g, (bool, str)):
+            return type(g) is type(w) and g == w
+        return math.isclose(g, w, rel_tol=1e-9, abs_tol=1e-9)  # type: ignore[arg-type]
+    return got.keys() == want.keys() and all(eq(got[k], want[k]) for k in want)
 
 
 # ------------------------------------------------------------------------------------------------ tests
