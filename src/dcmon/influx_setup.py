@@ -146,6 +146,7 @@ class Plan:
     def continuous_queries(self) -> dict[str, str]:
         """name → CREATE CONTINUOUS QUERY statement."""
         out = {}
+        queries: list[tuple[str, tuple[tuple[str, str, str, str, str], ...]]]
         queries = [(m, (("1m_stats", self.stats_1m(m), "1m", "2m", "1m"),
                         ("1m_energy", self.energy_1m(m), "1m", "2m", "1m"),
                         ("1h", self.stats_1h(m), "10m", "2h", "1h"))) for m in self.measurements]
