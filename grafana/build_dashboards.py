@@ -201,8 +201,12 @@ def freshness(**kw) -> dict:
                             "5 minutes.", **kw)
 
 
-# battery points (docs/battery.md): tags host and battery only, raw data (not downsampled)
+# battery points (docs/battery.md): tags host and battery only. Downsampled like the meters' (influx_setup.py):
+# dcmon_1m / dcmon_1h hold <field>_mean/_min/_max of soc_pct, voltage_v, net_current_a, net_power_w and the last
+# value of the history totals under their own names (charged_ah, ...). Trends and the day bars read "$rp"; the
+# gauges and stats ("now") read the newest raw point.
 BAT_WHERE = 'WHERE $timeFilter AND "host" =~ /^$host$/'
+BAT_RP = frm('"$rp"', BAT)
 BAT_GROUP = '"host", "battery"'
 BAT_ALIAS = "$tag_battery ($tag_host)"
 
@@ -216,16 +220,20 @@ def battery_latest(*fields: str) -> str:
 
 
 def battery_over_time(field: str) -> str:
-    return (f'SELECT mean("{field}") AS "{field}" FROM {BAT} {BAT_WHERE} '
+    """The mean per interval from "$rp": the raw field, or the downsampled <field>_mean (a bucket where it was
+    unknown throughout has none: a gap, as in the raw data)."""
+    return (f'SELECT mean(/^{field}(_mean)?$/) FROM {BAT_RP} {BAT_WHERE} '
             f'GROUP BY time($__interval), {BAT_GROUP} fill(none)')
 
 
 def battery_ah_per_day() -> str:
-    """Ah charged and discharged per day (in $tz): the history counters' steps, per stored series."""
+    """Ah charged and discharged per day (in $tz): the history totals' steps, per stored series, from "$rp".
+    A downsampled bucket holds the last total in it under the same name, so the step from one bucket to the
+    next is what flowed in the later bucket, and a day sums the same steps at every resolution."""
     return (f'SELECT sum("charged") AS "charged", sum("discharged") AS "discharged" FROM '
             f'(SELECT non_negative_difference("charged_ah") AS "charged", '
-            f'non_negative_difference("discharged_ah") AS "discharged" FROM {BAT} {BAT_WHERE} GROUP BY *) '
-            f"WHERE $timeFilter GROUP BY time(1d), {BAT_GROUP} fill(0) tz('$tz')")
+            f'non_negative_difference("discharged_ah") AS "discharged" FROM {BAT_RP} {BAT_WHERE} '
+            f"GROUP BY *) WHERE $timeFilter GROUP BY time(1d), {BAT_GROUP} fill(0) tz('$tz')")
 
 
 def gauge(title: str, unit: str, targets: list[dict], *, fields: str = "", **kw) -> dict:

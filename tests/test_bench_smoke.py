@@ -112,6 +112,7 @@ def test_cost_benchmark_measured_real_readings(outputs):
 def test_dashboard_benchmark_compares_the_same_energy(outputs):
     out = outputs["bench_dashboards.py"].stdout
     assert "same energy from raw and downsampled: yes" in out, out
+    assert "same battery Ah from raw and downsampled: yes" in out, out
     assert re.search(r"^energy per week .* dcmon_1h ", out, re.M), out
 
 

@@ -340,7 +340,7 @@ def kinds(query: str) -> set[str]:
 
 def is_battery(p: dict) -> bool:
     """A panel of the battery row (it reads the ``battery`` measurement, which this module's data lacks)."""
-    return any('FROM "battery"' in t["query"] for t in p["targets"])
+    return any(re.search(r'FROM ("\$rp"\.)?"battery"', t["query"]) for t in p["targets"])
 
 
 def panel_by_title(dash: dict, title: str) -> dict:

@@ -44,7 +44,7 @@ def bat(influxd, tmp_path_factory):
     (host_var,) = [v for v in dash["templating"]["list"] if v["name"] == "host"]
     hosts = sorted({r[1] for s in influxd.query(expand(host_var["query"], {}, ""), db) for r in s["values"]})
     assert hosts == ["testpi"]
-    values = {"host": (hosts, True), "tz": (["UTC"], False)}
+    values = {"host": (hosts, True), "tz": (["UTC"], False), "rp": (["autogen"], False)}  # raw (other rps: test_influx_setup_battery)
     yield dash, values, status, lambda q: influxd.query(q, db), rig.points
     influxd.drop_db(db)
 

@@ -54,8 +54,8 @@ def test_setup_creates_everything_and_a_second_run_changes_nothing(influxd, tmp_
     first = capsys.readouterr().out
     assert "created database" in first and "continuous query dcmon_dc_power_1m_energy" in first
     assert rps(influxd, db) == {"autogen": "2160h0m0s", MINUTE_RP: "17520h0m0s", HOUR_RP: "0s", META_RP: "0s"}
-    assert cqs(influxd, db) == sorted(f"dcmon_{m}_{k}" for m in ("dc_power", "ac_power")
-                                      for k in ("1m_stats", "1m_energy", "1h"))
+    assert cqs(influxd, db) == sorted([f"dcmon_{m}_{k}" for m in ("dc_power", "ac_power")
+                                       for k in ("1m_stats", "1m_energy", "1h")] + ["dcmon_battery_1m", "dcmon_battery_1h"])
     assert main(["influx-setup", "-c", str(path)]) == 0
     assert capsys.readouterr().out.strip().endswith("already set up, nothing changed")
     make_cfg(tmp_path, influxd.url, db, raw=30)                     # a changed period is applied

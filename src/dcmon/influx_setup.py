@@ -10,13 +10,23 @@ What it makes (every step idempotent: run it again after changing the config, or
   raw → 1 m: ``<field>_mean``, ``<field>_min``, ``<field>_max`` of voltage, current, power (AC also
   frequency and power factor), and ``energy_inc_wh``, the energy counted in the minute (below);
   1 m → 1 h: mean of the means, min of the mins, max of the maxes, sum of ``energy_inc_wh``;
+- the same for the batteries' ``battery`` measurement (dcmon.battery_service; one point per battery and poll
+  cycle, tags ``host`` and ``battery``), per host and battery: ``<field>_mean``, ``_min``, ``_max`` of
+  ``BATTERY_STATS`` (state of charge, voltage, net current and power), and the last value in the bucket,
+  under the field's own name, of ``BATTERY_LAST`` (the growing history totals, so that a day's increase is
+  the difference of two buckets' totals at any resolution; the state at the bucket's end: consumed Ah, time
+  to go, ``status``, ``soc_known``, ...). A value the monitor did not know is left out of the raw point; a
+  bucket in which every point lacked it has no such field (never 0), and ``last()`` is the last value known
+  in the bucket (``soc_known`` says whether the bucket ended known). ``unknown_reason`` stays raw-only: it is
+  written only while unknown, so a bucket's last one would outlive a return to known within the bucket;
 - in ``dcmon_meta``: ``dcmon_rp`` (which retention policy a dashboard reads for a time range: the point's
   timestamp is the shortest range, in ns since 1970, for which that policy is used) and
   ``dcmon_thresholds`` (``low_voltage_v`` per host and sensor, from ``influxdb.low_voltage_v``, for the
   Grafana alert rule) and ``dcmon_site`` (the host's time zone, ``influxdb.timezone`` or the machine's own,
   where the dashboards' days start);
 - the first time the 1-minute policy is created, the raw data already there is downsampled into it, before
-  the raw policy is shortened.
+  the raw policy is shortened; likewise, a measurement whose continuous queries are created for the first
+  time (the battery's, on a database set up before it had them) has its stored raw data downsampled once.
 
 Energy in a bucket (1 m) is the sum of each reading's increase over the reading before: the counter's step,
 or, for a reading marked ``energy_reset=true`` (the counter went down), its whole new count (energy counted
@@ -45,6 +55,7 @@ from pathlib import Path
 
 import httpx
 
+from .battery_service import MEASUREMENT as BATTERY
 from .config import Config, InfluxConfig, load
 from .errors import ConfigError, SetupError, SinkError
 from .outputs.influx import InfluxSink
@@ -57,6 +68,13 @@ RP_MEASUREMENT, THRESHOLD_MEASUREMENT, SITE_MEASUREMENT = "dcmon_rp", "dcmon_thr
 RP_FROM_RANGE_S = {"": 0, MINUTE_RP: 2 * 86400, HOUR_RP: 60 * 86400}
 STATS_DC = ("voltage_v", "current_a", "power_w")
 STATS_AC = STATS_DC + ("frequency_hz", "power_factor")
+# the battery measurement's fields (dcmon.battery_service.influx_fields): mean/min/max per bucket; the last value
+# in the bucket, same name (totals that only grow, and the state at the bucket's end); kept in the raw data only
+BATTERY_STATS = ("soc_pct", "voltage_v", "net_current_a", "net_power_w")
+BATTERY_LAST = ("charged_ah", "discharged_ah", "charged_kwh", "discharged_kwh", "full_cycles", "synchronisations",
+                "consumed_ah", "time_to_go_s", "time_since_full_s", "deepest_discharge_ah", "last_discharge_ah",
+                "average_discharge_ah", "min_voltage_v", "max_voltage_v", "status", "soc_known")
+BATTERY_RAW_ONLY = ("unknown_reason",)
 MINUTE_NS, HOUR_NS, DAY_NS = 60 * 10**9, 3600 * 10**9, 86400 * 10**9
 CHUNK_NS = 7 * DAY_NS
 OVERLAP_NS = 7 * DAY_NS           # downsampling by hand: a step across a gap up to this long at a chunk's start
@@ -81,7 +99,12 @@ class Plan:
 
     db: str
     raw_rp: str                     # resolved: the configured one or the database's default
-    measurements: dict[str, tuple[str, ...]]  # measurement → its statistics fields
+    measurements: dict[str, tuple[str, ...]]  # the meters' measurement → its statistics fields
+    battery: str = BATTERY                      # the batteries' measurement
+
+    @property
+    def all_measurements(self) -> tuple[str, ...]:
+        return (*self.measurements, self.battery)
 
     def src(self, rp: str, m: str) -> str:
         return f"{q(self.db)}.{q(rp)}.{q(m)}"
@@ -103,30 +126,59 @@ class Plan:
         cols.append('sum("energy_inc_wh") AS "energy_inc_wh"')
         return f"SELECT {', '.join(cols)} INTO {self.src(HOUR_RP, m)} FROM {self.src(MINUTE_RP, m)}"
 
+    def battery_1m(self) -> str:
+        cols = [f'{f}("{x}") AS "{x}_{f}"' for x in BATTERY_STATS for f in ("mean", "min", "max")]
+        cols += [f'last("{x}") AS "{x}"' for x in BATTERY_LAST]
+        b = self.battery
+        return f"SELECT {', '.join(cols)} INTO {self.src(MINUTE_RP, b)} FROM {self.src(self.raw_rp, b)}"
+
+    def battery_1h(self) -> str:
+        cols = [f'{f}("{x}_{f}") AS "{x}_{f}"' for x in BATTERY_STATS for f in ("mean", "min", "max")]
+        cols += [f'last("{x}") AS "{x}"' for x in BATTERY_LAST]
+        b = self.battery
+        return f"SELECT {', '.join(cols)} INTO {self.src(HOUR_RP, b)} FROM {self.src(MINUTE_RP, b)}"
+
+    def cq_names(self, m: str) -> tuple[str, ...]:
+        """The continuous queries' names of one measurement."""
+        kinds = ("1m", "1h") if m == self.battery else ("1m_stats", "1m_energy", "1h")
+        return tuple(f"{CQ_PREFIX}{m}_{k}" for k in kinds)
+
     def continuous_queries(self) -> dict[str, str]:
         """name → CREATE CONTINUOUS QUERY statement."""
         out = {}
-        for m in self.measurements:
-            for kind, select, every, for_, group in (
-                    ("1m_stats", self.stats_1m(m), "1m", "2m", "1m"),
-                    ("1m_energy", self.energy_1m(m), "1m", "2m", "1m"),
-                    ("1h", self.stats_1h(m), "10m", "2h", "1h")):
+        queries: list[tuple[str, tuple[tuple[str, str, str, str, str], ...]]]
+        queries = [(m, (("1m_stats", self.stats_1m(m), "1m", "2m", "1m"),
+                        ("1m_energy", self.energy_1m(m), "1m", "2m", "1m"),
+                        ("1h", self.stats_1h(m), "10m", "2h", "1h"))) for m in self.measurements]
+        queries.append((self.battery, (("1m", self.battery_1m(), "1m", "2m", "1m"),
+                                       ("1h", self.battery_1h(), "10m", "2h", "1h"))))
+        for m, kinds in queries:
+            for kind, select, every, for_, group in kinds:
                 name = f"{CQ_PREFIX}{m}_{kind}"
                 out[name] = (f"CREATE CONTINUOUS QUERY {q(name)} ON {q(self.db)} RESAMPLE EVERY {every} FOR {for_} "
                              f"BEGIN {select} GROUP BY time({group}), * END")
         return out
 
-    def downsample_statements(self, start_ns: int, end_ns: int) -> list[str]:
-        """SELECT ... INTO statements that redo the downsampling of [start, end) (widened to whole buckets).
+    def downsample_statements(self, start_ns: int, end_ns: int, only: tuple[str, ...] | None = None) -> list[str]:
+        """SELECT ... INTO statements that redo the downsampling of [start, end) (widened to whole buckets),
+        of every measurement or of those in ``only``.
 
         A week at a time (bounded memory on a Pi), newest first, each reaching OVERLAP_NS back: a chunk's
         first buckets lack the steps from readings before the chunk, and the older chunk, run after it,
-        rewrites them with those steps included."""
+        rewrites them with those steps included. The battery's statistics and last values need nothing from
+        before a bucket."""
         m0, m1 = start_ns // MINUTE_NS * MINUTE_NS, -(-end_ns // MINUTE_NS) * MINUTE_NS
         h0, h1 = m0 // HOUR_NS * HOUR_NS, -(-m1 // HOUR_NS) * HOUR_NS
         out = []
+        starts = list(range(m0, m1, CHUNK_NS))
+        if only is None or self.battery in only:
+            for a in reversed(starts):
+                b = min(m1, a + CHUNK_NS)
+                out.append(f"{self.battery_1m()} WHERE time >= {a} AND time < {b} GROUP BY time(1m), *")
+            out.append(f"{self.battery_1h()} WHERE time >= {h0} AND time < {h1} GROUP BY time(1h), *")
         for m in self.measurements:
-            starts = list(range(m0, m1, CHUNK_NS))
+            if only is not None and m not in only:
+                continue
             for a in reversed(starts):           # CHUNK_NS each
                 b = min(m1, a + CHUNK_NS)
                 out.append(f"{self.stats_1m(m)} WHERE time >= {a} AND time < {b} GROUP BY time(1m), *")
@@ -249,6 +301,8 @@ def setup(cfg: Config, api: Influx, *, say: Callable[[str], None] = print) -> Pl
         rps[raw_rp] = {"name": raw_rp, "duration": "0s"}
     existing = {r["name"]: r["query"] for s in api.run("SHOW CONTINUOUS QUERIES") if s.get("name") == ix.database
                 for r in (dict(zip(s["columns"], v)) for v in s.get("values", []))}
+    # measurements none of whose continuous queries existed yet (the battery's on a database set up before)
+    new = tuple(m for m in plan.all_measurements if not any(n in existing for n in plan.cq_names(m)))
     for name, stmt in plan.continuous_queries().items():
         if name in existing and _same_cq(existing[name], stmt):
             continue
@@ -257,11 +311,13 @@ def setup(cfg: Config, api: Influx, *, say: Callable[[str], None] = print) -> Pl
         api.run(stmt)
         say(f"continuous query {name}")
         changed += 1
-    if first_time:                 # downsample what is already there, before the raw policy may shorten
-        first = _first_time_ns(api, plan)
+    todo = plan.all_measurements if first_time else new
+    if todo:                       # downsample what is already there, before the raw policy may shorten
+        first = _first_time_ns(api, plan, todo)
         if first is not None:
-            say("downsampling the raw data already in the database (once) ...")
-            downsample(api, plan, first, time.time_ns())
+            what = "" if first_time else f" of {', '.join(repr(m) for m in todo)}"
+            say(f"downsampling the raw data{what} already in the database (once) ...")
+            downsample(api, plan, first, time.time_ns(), only=todo)
             changed += 1
     stmt = _rp_line(raw_rp, ix.raw_days, rps.get(raw_rp))
     if stmt:
@@ -283,10 +339,12 @@ def _same_cq(shown: str, stmt: str) -> bool:
     return norm(shown) == norm(stmt)
 
 
-def _first_time_ns(api: Influx, plan: Plan) -> int | None:
+def _first_time_ns(api: Influx, plan: Plan, measurements: tuple[str, ...]) -> int | None:
+    """The oldest raw point's time of these measurements (a field every point has), or None."""
     firsts = []
-    for m in plan.measurements:
-        for s in api.run(f'SELECT first("voltage_v") FROM {plan.src(plan.raw_rp, m)}'):
+    for m in measurements:
+        field = "status" if m == plan.battery else "voltage_v"
+        for s in api.run(f'SELECT first("{field}") FROM {plan.src(plan.raw_rp, m)}'):
             firsts.append(int(s["values"][0][0]))
     return min(firsts) if firsts else None
 
@@ -338,9 +396,10 @@ def _esc(v: str) -> str:
     return v.replace("\\", "\\\\").replace("'", "\\'")
 
 
-def downsample(api: Influx, plan: Plan, start_ns: int, end_ns: int) -> int:
-    """Redo the 1 m and 1 h series of [start, end) from the raw data. Returns the statements run."""
-    stmts = plan.downsample_statements(start_ns, end_ns)
+def downsample(api: Influx, plan: Plan, start_ns: int, end_ns: int, only: tuple[str, ...] | None = None) -> int:
+    """Redo the 1 m and 1 h series of [start, end) from the raw data (every measurement, or ``only``).
+    Returns the statements run."""
+    stmts = plan.downsample_statements(start_ns, end_ns, only)
     for s in stmts:
         api.run(s)
     return len(stmts)
@@ -467,6 +526,27 @@ data
     |> aggregateWindow(every: 1m, fn: sum, createEmpty: false)
     |> filter(fn: (r) => r._time > date.sub(d: 1m, from: now()))   // the older minute lacks its first step
     |> map(fn: (r) => ({{r with _field: "energy_inc_wh"}}))
+    |> to(bucket: "{bucket}_1m")
+""")
+    stats = " or ".join(f'r._field == "{f}"' for f in BATTERY_STATS)
+    last = " or ".join(f'r._field == "{f}"' for f in BATTERY_LAST)
+    out.append(f"""// the batteries: mean/min/max of the state of charge, voltage, current and power; the last value of the
+// history totals and the state (same field name); unknown_reason stays in the raw bucket
+option task = {{name: "dcmon_{BATTERY}_1m", every: 1m, offset: 10s}}
+
+data = from(bucket: "{bucket}")
+    |> range(start: -task.every * 2)
+    |> filter(fn: (r) => r._measurement == "{BATTERY}")
+
+stats = data |> filter(fn: (r) => {stats})
+for_agg = (fn, suffix) => stats
+    |> aggregateWindow(every: 1m, fn: fn, createEmpty: false)
+    |> map(fn: (r) => ({{r with _field: r._field + suffix}}))
+last_values = data
+    |> filter(fn: (r) => {last})
+    |> aggregateWindow(every: 1m, fn: last, createEmpty: false)
+union(tables: [for_agg(fn: mean, suffix: "_mean"), for_agg(fn: min, suffix: "_min"), for_agg(fn: max, suffix: "_max"),
+               last_values])
     |> to(bucket: "{bucket}_1m")
 """)
     return "\n".join(out)
