@@ -553,7 +553,8 @@ def test_batteries_in_metrics_known_values_only(poller, tmp_path):
     """status.json's "batteries" (dcmon.battery_service) as gauges: a battery whose state of charge is unknown
     has no state-of-charge series (absent, not 0); promtool accepts the exposition."""
     batteries = {"house": {"soc_pct": 87.5, "time_to_go_s": 5400.0, "current_a": -3.25, "voltage_v": 12.61,
-                           "synchronisations": 2},
+                           "synchronisations": 2, "charged_kwh": 1.25, "discharged_kwh": 0.5,
+                           "time_since_full_s": 7200.0},
                  "van": {"soc_pct": None, "time_to_go_s": None, "current_a": 1.5, "voltage_v": 13.1,
                          "synchronisations": 0}}
     with HttpOutput(settings(), status=status_of(poller, batteries=batteries), healthy=lambda: True,
@@ -567,5 +568,9 @@ def test_batteries_in_metrics_known_values_only(poller, tmp_path):
     assert 'dcmon_battery_net_current_amperes{battery="house",host="boat"} -3.25' in text
     assert 'dcmon_battery_synchronisations_total{battery="house",host="boat"} 2.0' in text
     assert 'dcmon_battery_net_current_amperes{battery="van",host="boat"} 1.5' in text
+    assert 'dcmon_battery_charged_joules_total{battery="house",host="boat"} 4.5e+06' in text
+    assert 'dcmon_battery_discharged_joules_total{battery="house",host="boat"} 1.8e+06' in text
+    assert 'dcmon_battery_time_since_full_charge_seconds{battery="house",host="boat"} 7200.0' in text
+    assert "time_since_full_charge_seconds{battery=\"van\"" not in text      # never charged: absent
     soc = [line for line in text.splitlines() if line.startswith("dcmon_battery_state_of_charge_ratio{")]
     assert soc == ['dcmon_battery_state_of_charge_ratio{battery="house",host="boat"} 0.875'], soc

@@ -351,9 +351,16 @@ def test_birth_message_re_announces_but_a_stored_one_does_not(broker):
 
 def test_a_meter_that_left_the_config_has_its_entities_removed(broker):
     out = output(broker)
+    values = {"voltage_v": 12.5, "current_a": 1.0, "power_w": 12.5, "energy_wh": 10.0}
+    for name in ("battery", "solar"):
+        out.publish_state(reading(name, values))
+    assert out.flush(10)
     out.close()
     before = retained(broker, "homeassistant/#")
     assert sum("/solar_" in t for t in before) == 6 and sum("/battery_" in t for t in before) == 6
+    kept = retained(broker, f"dcmon/{HOST}/#")
+    assert {f"dcmon/{HOST}/solar/state", f"dcmon/{HOST}/solar/availability",
+            f"dcmon/{HOST}/battery/state"} <= set(kept)
 
     sub = Sub(broker, "homeassistant/#")
     out = output(broker, meters=METERS[:1])   # solar removed from the config
@@ -363,6 +370,14 @@ def test_a_meter_that_left_the_config_has_its_entities_removed(broker):
         assert not [t for t in after if "/solar_" in t]
         assert sum("/battery_" in t for t in after) == 6 and any(t.endswith("/poller/config") for t in after)
         assert out.status()["entities_removed"] == 6
+        # nothing of the removed meter is left on the broker: its retained state and availability go too,
+        # the other meter's and the poller's stay
+        deadline = time.monotonic() + 10
+        while f"dcmon/{HOST}/solar/state" in retained(broker, f"dcmon/{HOST}/#") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = retained(broker, f"dcmon/{HOST}/#")
+        assert not [t for t in left if t.startswith(f"dcmon/{HOST}/solar/")], left
+        assert f"dcmon/{HOST}/battery/state" in left and f"dcmon/{HOST}/status" in left
     finally:
         out.close()
         sub.stop()

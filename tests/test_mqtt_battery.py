@@ -346,9 +346,12 @@ def test_birth_message_re_announces_and_a_battery_that_left_the_config_is_remove
     both = [BatteryInfo("house", ("charger", "loads")), BatteryInfo("van", ("loads",))]
     out = MqttOutput(s, host=HOST, meters=meters, batteries=both).start()
     try:
+        van = BatteryMonitor(BatterySettings.preset("van", 100, battery_cable=["loads"]))
+        out.publish_battery(van.snapshot())
         assert out.flush(10)
     finally:
         out.close()
+    assert f"dcmon/{HOST}/battery/van/state" in retained(broker, f"dcmon/{HOST}/#")
     before = retained(broker, "homeassistant/#")
     assert sum("/_battery_van_" in t for t in before) == sum("/_battery_house_" in t for t in before) \
         == len(BATTERY_ENTITIES)
@@ -362,6 +365,10 @@ def test_birth_message_re_announces_and_a_battery_that_left_the_config_is_remove
         assert sum("/_battery_house_" in t for t in after) == len(BATTERY_ENTITIES)
         assert sum("/charger_" in t for t in after) == sum("/loads_" in t for t in after) == 6   # meters kept
         assert out.status()["entities_removed"] == len(BATTERY_ENTITIES)
+        deadline = time.monotonic() + 10   # ... and the removed battery's retained state and availability
+        while f"dcmon/{HOST}/battery/van/state" in retained(broker, f"dcmon/{HOST}/#") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [t for t in retained(broker, f"dcmon/{HOST}/#") if "/battery/van/" in t]
         # Home Assistant (re)starts: its birth message brings every battery entity and the state again
         mon = BatteryMonitor(BatterySettings.preset("house", 100, charge=["charger"], discharge=["loads"]))
         out.publish_battery(mon.snapshot())

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import DcmonError
+from .errors import BatteryStoreError
 from .sqlite_file import NotOurs, is_corrupt, move_aside, open_owned
 
 if TYPE_CHECKING:
@@ -47,10 +47,6 @@ _SCHEMA = ("CREATE TABLE IF NOT EXISTS state (battery TEXT PRIMARY KEY, saved_ns
 def store_path(cfg: Config) -> Path:
     """Where the batteries' state is kept: ``battery.sqlite`` in the spool's folder."""
     return cfg.resolve(cfg.spool.path).with_name(STORE_NAME)
-
-
-class BatteryStoreError(DcmonError):
-    """The battery-state file cannot be used at all (folder not writable)."""
 
 
 class BatteryStore:

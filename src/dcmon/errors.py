@@ -12,6 +12,7 @@ and, where we know it, what to do about it. Nothing below is ever shown as a tra
     ├── DeviceError        the meter answered, but with an exception code, or a write did not read back
     ├── CalibrationError   the reference points cannot give a sensible calibration
     ├── SpoolError         the spool file cannot be used at all
+    ├── BatteryStoreError  the battery-state file cannot be used at all (folder not writable)
     ├── SinkError          the database refused or could not be reached
     │   ├── SinkPermanent  400: the lines are bad; retrying will not help (quarantine them)
     │   ├── SinkAuth       401/403/404: credentials, org, bucket or database wrong: keep data, alert
@@ -115,6 +116,10 @@ class CalibrationError(DcmonError):
 
 class SpoolError(DcmonError):
     """The spool file cannot be used at all (directory not writable, not a spool file)."""
+
+
+class BatteryStoreError(DcmonError):
+    """The battery-state file cannot be used at all (folder not writable, cannot be moved aside)."""
 
 
 class SetupError(DcmonError):

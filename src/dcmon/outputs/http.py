@@ -477,23 +477,31 @@ BATTERY_METRICS = {
     "time_to_go_s": ("dcmon_battery_time_to_go_seconds", "Estimated time until the discharge floor.", 1.0),
     "current_a": ("dcmon_battery_net_current_amperes", "Net current into the battery (negative: discharging).", 1.0),
     "voltage_v": ("dcmon_battery_voltage_volts", "The battery's voltage.", 1.0),
+    "time_since_full_s": ("dcmon_battery_time_since_full_charge_seconds", "Time since the last synchronisation "
+                          "to 100 %.", 1.0),
+}
+# the history's energy totals (only ever grow: dcmon.battery), kWh → J as dcmon_energy_joules_total
+BATTERY_COUNTERS = {
+    "charged_kwh": ("dcmon_battery_charged_joules", "Energy into the battery since set-up (net flow while charging).",
+                    3.6e6),
+    "discharged_kwh": ("dcmon_battery_discharged_joules", "Energy out of the battery since set-up (net flow while "
+                       "discharging).", 3.6e6),
+    "synchronisations": ("dcmon_battery_synchronisations", "Synchronisations to 100 % since set-up.", 1.0),
 }
 
 
 def _battery_metrics(host: str, batteries: Mapping[str, Any]) -> Iterator[Metric]:
-    fams = {k: GaugeMetricFamily(n, h, labels=("host", "battery")) for k, (n, h, _) in BATTERY_METRICS.items()}
-    syncs = CounterMetricFamily("dcmon_battery_synchronisations", "Synchronisations to 100 % since set-up.",
-                                labels=("host", "battery"))
+    fams: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
+        k: GaugeMetricFamily(n, h, labels=("host", "battery")) for k, (n, h, _) in BATTERY_METRICS.items()}
+    fams.update({k: CounterMetricFamily(n, h, labels=("host", "battery")) for k, (n, h, _) in BATTERY_COUNTERS.items()})
+    factors = {k: f for table in (BATTERY_METRICS, BATTERY_COUNTERS) for k, (_n, _h, f) in table.items()}
     for name, b in batteries.items():
         if not isinstance(b, Mapping):
             continue
-        for k, (_n, _h, factor) in BATTERY_METRICS.items():
+        for k, factor in factors.items():
             if (x := _num(b.get(k))) is not None:
                 fams[k].add_metric([host, str(name)], x * factor)
-        if (x := _num(b.get("synchronisations"))) is not None:
-            syncs.add_metric([host, str(name)], x)
     yield from fams.values()
-    yield syncs
 
 
 def _outputs_of(st: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

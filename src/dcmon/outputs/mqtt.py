@@ -35,7 +35,9 @@ Discovery is re-announced on every (re)connect and when Home Assistant's birth m
 (``<d>/status`` = online, not retained) arrives. The set of announced entities is read back from the
 broker: at start-up the output subscribes to its own discovery topics, and every retained config there
 that it would not announce now (a meter that left the config, ``discovery = false``) is cleared with an
-empty retained message, which makes Home Assistant remove the entity.
+empty retained message, which makes Home Assistant remove the entity. The retained state and availability
+topics that entity named (and no entity announced now uses) are cleared the same way, so nothing of a
+removed meter or battery is left on the broker.
 
 The password never appears in a log line, an error or ``repr(settings)``.
 """
@@ -54,7 +56,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
@@ -405,6 +407,8 @@ class MqttOutput:
             self.batteries[b.name] = b
             self._bslugs[b.name] = sl
         self.configs: dict[str, str] = self._discovery_configs() if s.discovery else {}
+        # the state/availability topics the entities announced now use (never cleared with a removed entity)
+        self._in_use = _entity_topics(self.configs.values()) | {self.status_topic}
         self._config_filters = [f"{s.discovery_prefix}/{c}/{self.node_id}/+/config" for c in ("sensor", "binary_sensor")]
         self._birth_topic = f"{s.discovery_prefix}/status"
 
@@ -415,6 +419,7 @@ class MqttOutput:
         self._resync = False            # (re)connected: announce, status, availability and states again
         self._announce = False
         self._removals: set[str] = set()
+        self._clear: set[str] = set()   # retained state/availability topics of removed entities
         self._avail: dict[str, str] = {}
         self._avail_dirty: set[str] = set()
         self._latest: dict[str, Reading] = {}
@@ -536,7 +541,7 @@ class MqttOutput:
 
     def _idle(self) -> bool:
         """Connected, nothing left to send and nothing in flight (call with _cv held)."""
-        if not self._connected or self._sending or self._resync or self._announce or self._removals \
+        if not self._connected or self._sending or self._resync or self._announce or self._removals or self._clear \
                 or self._avail_dirty or self._bat_avail_dirty or self._state_dirty or self._bat_dirty:
             return False
         self._pending = [i for i in self._pending if not _done(i)]
@@ -849,6 +854,7 @@ class MqttOutput:
             self._bat_dirty |= set(self._bat_latest)
         announce, self._announce = self._announce, False
         removals, self._removals = sorted(self._removals), set()
+        clear, self._clear = sorted(self._clear), set()
         avail = [(self.topic(k, "availability"), self._avail[k]) for k in sorted(self._avail_dirty)]
         avail += [(self.battery_topic(k, "availability"), self._bat_avail[k]) for k in sorted(self._bat_avail_dirty)]
         self._avail_dirty.clear()
@@ -864,7 +870,7 @@ class MqttOutput:
                 if self._can_send_battery(name):
                     batteries.append((name, *self._bat_latest[name]))
             self._bat_dirty -= {k for k, _, _ in batteries}
-        return _Work(resync, announce, removals, avail, states, batteries)
+        return _Work(resync, announce, removals, avail, states, batteries, clear)
 
     def _do(self, w: _Work) -> None:
         s = self.settings
@@ -889,6 +895,11 @@ class MqttOutput:
         if removals:
             with self._cv:
                 self.entities_removed += len(removals)
+        for t in w.clear:
+            pending.append(self._publish(t, "", s.qos, True))
+        if w.clear:
+            log.info("%s: cleared %d retained state/availability topic(s) of removed entities", self.where,
+                     len(w.clear))
         for topic, value in avail:
             pending.append(self._publish(topic, value, s.qos, True))
         for sensor, r in states:
@@ -984,6 +995,7 @@ class MqttOutput:
             if msg.payload and msg.topic not in self.configs and msg.topic.endswith("/config"):
                 with self._cv:  # ours (our node id) but not announced now: remove it from Home Assistant
                     self._removals.add(msg.topic)
+                    self._clear |= _entity_topics([msg.payload.decode("utf-8", "replace")]) - self._in_use
                     self._cv.notify_all()
         except Exception:  # noqa: BLE001
             log.exception("%s: on_message failed", self.where)
@@ -1016,6 +1028,27 @@ class _Work:
     avail: list[tuple[str, str]]                    # (topic, online/offline)
     states: list[tuple[str, Reading]]
     batteries: list[tuple[str, BatteryState, int]]  # (battery, state, wall time of the state)
+    clear: list[str] = field(default_factory=list)  # retained topics of removed entities, cleared
+
+
+def _entity_topics(payloads: Iterable[str]) -> set[str]:
+    """The state, attributes and availability topics that discovery configs name (a config that is not
+    JSON names none)."""
+    out: set[str] = set()
+    for p in payloads:
+        try:
+            d = json.loads(p)
+        except ValueError:
+            continue
+        if not isinstance(d, dict):
+            continue
+        for k in ("state_topic", "json_attributes_topic"):
+            if isinstance(d.get(k), str):
+                out.add(d[k])
+        for a in d.get("availability") or []:
+            if isinstance(a, dict) and isinstance(a.get("topic"), str):
+                out.add(a["topic"])
+    return out
 
 
 def _dumps(d: dict[str, Any]) -> str:
