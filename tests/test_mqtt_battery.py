@@ -474,3 +474,56 @@ def test_the_payload_has_every_key_unknowns_as_null():
     plain = json.loads(battery_payload(dataclasses.replace(st, charged_kwh=0.9995), 0))
     assert plain["charged_kwh"] == 0.9995 and plain["soc_pct"] is None and plain["time"].startswith("1970-01-01T")
     assert set(BATTERY_KEYS) <= set(plain) and plain["time_to_go_s"] is None and plain["consumed_ah"] is None
+
+
+def test_run_once_removes_a_battery_that_left_the_config_before_it_exits(tmp_path, broker):
+    """A one-shot run (cron, a test bench) must finish what a long run would: the broker's retained configs of
+    ours come back after the subscription, and flush() waits for them (a second subscription's SUBACK is the
+    barrier) so that a battery that left the config is removed, with its state, before the process exits."""
+    from dcmon.cli import main
+
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(ONCE_CFG.format(host="oncepi", tmp=tmp_path, url=broker.url, timeout=10))
+    assert main(["run", "--once", "--simulate", "--no-print", "--config", str(cfg)]) == 0
+    kept = retained(broker, "#")
+    assert sum("/_battery_house_" in k for k in kept) == len(BATTERY_ENTITIES) and \
+        "dcmon/oncepi/battery/house/state" in kept
+    text = cfg.read_text()
+    cfg.write_text(text[:text.index("[[batteries]]")] + text[text.index("[mqtt]"):])   # the battery goes
+    for _ in range(3):   # every one-shot run, not a lucky one
+        assert main(["run", "--once", "--simulate", "--no-print", "--config", str(cfg)]) == 0
+        kept = retained(broker, "#")
+        assert not [k for k in kept if "_battery_house_" in k or "/battery/house/" in k], sorted(kept)
+        assert "dcmon/oncepi/solar/state" in kept
+
+
+def test_flush_waits_until_the_broker_has_sent_back_our_retained_configs(broker):
+    """The barrier itself: until the SUBACK of the subscription made after the config filters has come,
+    flush() does not report done (the removals those configs cause might still be on their way)."""
+    s = MqttSettings.from_dict({"enabled": True, "url": broker.url}, "config.toml")
+    meters = [MeterInfo("solar", PZEM017, "a", 1)]
+    out = MqttOutput(s, host=HOST, meters=meters)
+    held: list[tuple] = []
+    seen: list[int] = []
+    real = out._on_subscribe
+
+    def hold_barrier(client, userdata, mid, codes, props):
+        seen.append(mid)
+        if len(seen) == 2:                # the second SUBACK of the connection is the barrier's
+            held.append((client, userdata, mid, codes, props))
+            return
+        real(client, userdata, mid, codes, props)
+
+    out._client.on_subscribe = hold_barrier
+    out.start()
+    try:
+        assert out.wait_connected(10)
+        deadline = time.monotonic() + 10
+        while not held and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert held, "the barrier subscription was never answered"
+        assert out.flush(1.0) is False        # configs not known to be all back: not done
+        real(*held[0])                        # the SUBACK arrives
+        assert out.flush(5.0) is True
+    finally:
+        out.close()

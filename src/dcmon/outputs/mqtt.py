@@ -417,6 +417,11 @@ class MqttOutput:
         self._cv = threading.Condition()
         self._connected = False
         self._resync = False            # (re)connected: announce, status, availability and states again
+        # the broker's retained configs of ours have all arrived (removals known): the SUBACK of a second,
+        # later subscription (the broker answers a connection's packets in order) — flush() waits for it
+        self._configs_read = not s.discovery
+        self._barrier_mid: int | None = None
+        self._subacks: set[int] = set()    # SUBACKs seen (one can come before subscribe() returns its mid)
         self._announce = False
         self._removals: set[str] = set()
         self._clear: set[str] = set()   # retained state/availability topics of removed entities
@@ -469,6 +474,7 @@ class MqttOutput:
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
         c.on_publish = self._on_publish
+        c.on_subscribe = self._on_subscribe
         self._client = c
         self._keepalive = keepalive_s
 
@@ -542,7 +548,7 @@ class MqttOutput:
     def _idle(self) -> bool:
         """Connected, nothing left to send and nothing in flight (call with _cv held)."""
         if not self._connected or self._sending or self._resync or self._announce or self._removals or self._clear \
-                or self._avail_dirty or self._bat_avail_dirty or self._state_dirty or self._bat_dirty:
+                or not self._configs_read or self._avail_dirty or self._bat_avail_dirty or self._state_dirty or self._bat_dirty:
             return False
         self._pending = [i for i in self._pending if not _done(i)]
         return not self._pending and all(_done(i) for i in self._state_inflight.values()) \
@@ -880,6 +886,15 @@ class MqttOutput:
             self._publish(self.status_topic, ONLINE, s.qos, True)
             subs = [(self._birth_topic, 0)] + [(f, 0) for f in self._config_filters]
             self._client.subscribe(subs)
+            if self.settings.discovery:   # the barrier: answered after the retained configs above were sent
+                with self._cv:
+                    self._configs_read = False
+                _rc, mid = self._client.subscribe(f"{self.settings.topic_prefix}/{self.host}/_sync", 0)
+                with self._cv:
+                    self._barrier_mid = mid
+                    self._configs_read = mid in self._subacks
+                    self._subacks.clear()
+                    self._cv.notify_all()
         if announce:
             for t, payload in self.configs.items():
                 pending.append(self._publish(t, payload, s.qos, True))
@@ -999,6 +1014,18 @@ class MqttOutput:
                     self._cv.notify_all()
         except Exception:  # noqa: BLE001
             log.exception("%s: on_message failed", self.where)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: object, mid: int, reason_codes: object,
+                      properties: object) -> None:
+        try:
+            with self._cv:
+                if mid == self._barrier_mid:
+                    self._configs_read = True
+                    self._cv.notify_all()
+                else:
+                    self._subacks.add(mid)
+        except Exception:  # noqa: BLE001
+            log.exception("%s: on_subscribe failed", self.where)
 
     def _on_publish(self, client: mqtt.Client, userdata: object, mid: int, reason_code: object,
                     properties: object) -> None:
