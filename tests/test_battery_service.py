@@ -18,52 +18,14 @@ from pathlib import Path
 import pytest
 
 from dcmon import config
-from dcmon import poller as poller_mod
 from dcmon.battery_service import BatteryService, status_lines, store_path
 from dcmon.battery_sim import BatteryModel
 from dcmon.errors import ConfigError
 from dcmon.outputs.influx import InfluxSink
-from dcmon.models import PZEM017
 from dcmon.poller import Poller
-from dcmon.simulator import SimMeter, Simulator
+from dcmon.simulator import Simulator
 
-SPEED = 300.0
-
-CFG = """
-[poller]
-host = "testpi"
-settle_s = 0
-
-[influxdb]
-url = "{url}"
-database = "{db}"
-
-[spool]
-path = "{spool}"
-
-[buses.a]
-port = "{port}"
-timeout_s = 0.15
-retries = 0
-gap_s = 0.005
-
-[[sensors]]
-name = "charger"
-bus = "a"
-address = 1
-
-[[sensors]]
-name = "loads"
-bus = "a"
-address = 2
-
-[[batteries]]
-name = "house"
-capacity_ah = 5
-charge = ["charger"]
-discharge = ["loads"]
-max_gap_s = 120
-"""
+from battery_rig import clock, config_text, meters, no_rise_limit  # noqa: F401 - no_rise_limit: a fixture
 
 
 class Rig:
@@ -72,7 +34,8 @@ class Rig:
     def __init__(self, tmp: Path, port: str, model: BatteryModel, url: str = "http://127.0.0.1:1", db: str = "x",
                  extra: str = "") -> None:
         self.model = model
-        (tmp / "config.toml").write_text(CFG.format(url=url, db=db, port=port, spool=tmp / "spool.sqlite") + extra)
+        (tmp / "config.toml").write_text(config_text(port=port, spool=tmp / "spool.sqlite",
+                                                     influxdb=f'url = "{url}"\ndatabase = "{db}"') + extra)
         self.cfg = config.load(tmp / "config.toml", env={})
         self.reading_lines: list[str] = []          # the poller's own dc_power lines
         self.poller = Poller(self.cfg, put=self.reading_lines.extend)
@@ -96,26 +59,6 @@ class Rig:
     def close(self) -> None:
         self.svc.close()
         self.poller.close()
-
-
-T0 = time.monotonic()
-
-
-def clock(now: float) -> float:
-    return (now - T0) * SPEED
-
-
-def meters(model: BatteryModel) -> list[SimMeter]:
-    # the model's time starts now: else the first reading simulates (and waits for) every second since import
-    model.t_s = clock(time.monotonic())
-    return [SimMeter(model=PZEM017, address=1, drive=model.drive("charge", clock)),
-            SimMeter(model=PZEM017, address=2, drive=model.drive("load", clock))]
-
-
-@pytest.fixture
-def no_rise_limit(monkeypatch):
-    # the model runs 300× real time: its counters rise faster than the poller's plausibility check allows
-    monkeypatch.setattr(poller_mod, "max_counter_rise", lambda model, seconds: float("inf"))
 
 
 def run_until_synced_then_discharge(rig: Rig, discharge_s: float = 1800.0) -> None:

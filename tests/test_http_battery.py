@@ -25,69 +25,18 @@ from servers import free_port
 from test_http import Chromium, settings
 
 from dcmon import config
-from dcmon import poller as poller_mod
 from dcmon.battery import BatteryState
 from dcmon.battery_service import BatteryService
 from dcmon.battery_sim import BatteryModel
-from dcmon.models import PZEM017
 from dcmon.outputs import http as h
 from dcmon.outputs.http import HttpOutput
 from dcmon.poller import Poller
-from dcmon.simulator import SimMeter, Simulator
+from dcmon.simulator import Simulator
 
-SPEED = 300.0
-T0 = time.monotonic()
-
-CFG = """
-[poller]
-host = "boat"
-settle_s = 0
-
-[spool]
-path = "{spool}"
-
-[buses.a]
-port = "{port}"
-timeout_s = 0.15
-retries = 0
-gap_s = 0.005
-
-[[sensors]]
-name = "charger"
-bus = "a"
-address = 1
-
-[[sensors]]
-name = "loads"
-bus = "a"
-address = 2
-
-[[batteries]]
-name = "house"
-capacity_ah = 5
-charge = ["charger"]
-discharge = ["loads"]
-max_gap_s = 120
-"""
+from battery_rig import clock, config_text, meters, no_rise_limit  # noqa: F401 - no_rise_limit: a fixture
 
 # what the page-side object adds to BatteryService.status()'s entry
 HTTP_KEYS = {"name", "sensors", "down_sensors", "updated_ns", "reason", "stale"}
-
-
-def clock(now: float) -> float:
-    return (now - T0) * SPEED
-
-
-def meters(model: BatteryModel) -> list[SimMeter]:
-    model.t_s = clock(time.monotonic())   # the model starts now, not when this module was imported
-    return [SimMeter(model=PZEM017, address=1, drive=model.drive("charge", clock)),
-            SimMeter(model=PZEM017, address=2, drive=model.drive("load", clock))]
-
-
-@pytest.fixture
-def no_rise_limit(monkeypatch):
-    # the model runs 300× real time: its counters rise faster than the poller's plausibility check allows
-    monkeypatch.setattr(poller_mod, "max_counter_rise", lambda model, seconds: float("inf"))
 
 
 class Rig:
@@ -97,7 +46,7 @@ class Rig:
 
     def __init__(self, tmp: Path, port: str, model: BatteryModel, *, status_batteries: bool = True) -> None:
         self.model = model
-        (tmp / "config.toml").write_text(CFG.format(port=port, spool=tmp / "spool.sqlite"))
+        (tmp / "config.toml").write_text(config_text(port=port, spool=tmp / "spool.sqlite", host="boat"))
         self.cfg = config.load(tmp / "config.toml", env={})
         self.poller = Poller(self.cfg, put=lambda lines: None)
         self.status_batteries = status_batteries
@@ -446,9 +395,9 @@ def test_the_running_service_puts_its_batteries_on_the_page(tmp_path, monkeypatc
     port = free_port()
     monkeypatch.setenv("DCMON_STATUS_PATH", str(tmp_path / "status.json"))
     with Simulator(meters(model)) as sim:
-        (tmp_path / "config.toml").write_text(CFG.format(port=sim.path, spool=tmp_path / "spool.sqlite").replace(
-            'settle_s = 0', 'settle_s = 0\ninterval_s = 0.3\nhealth_interval_s = 0') +
-            f'\n[influxdb]\nenabled = false\n[http]\nenabled = true\nlisten = "127.0.0.1:{port}"\n')
+        (tmp_path / "config.toml").write_text(config_text(
+            port=sim.path, spool=tmp_path / "spool.sqlite", host="boat", poller="interval_s = 0.3\nhealth_interval_s = 0",
+            influxdb="enabled = false", extra=f'[http]\nenabled = true\nlisten = "127.0.0.1:{port}"\n'))
         service = Service(config.load(tmp_path / "config.toml", env={}))
         stop = threading.Event()
         service.start_outputs()

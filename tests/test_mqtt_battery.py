@@ -25,7 +25,6 @@ from servers import Mosquitto, free_port
 from test_mqtt import Sub, retained
 
 from dcmon import config
-from dcmon import poller as poller_mod
 from dcmon.battery import BatteryMonitor, BatterySettings
 from dcmon.battery_service import BatteryService
 from dcmon.battery_sim import BatteryModel
@@ -36,8 +35,14 @@ from dcmon.outputs.mqtt import (BATTERY_ENTITIES, BATTERY_KEYS, BatteryInfo, Met
 from dcmon.poller import Poller
 from dcmon.simulator import SimMeter, Simulator
 
-SPEED = 300.0
+from battery_rig import SPEED, ModelClock, config_text, meters, no_rise_limit  # noqa: F401 - a fixture
+
 HOST = "pi"
+SENSOR_NAMED_BATTERY = """[[sensors]]
+name = "battery"      # a sensor named like the battery topics' level: must not collide with them
+bus = "a"
+address = 3
+"""
 
 # Home Assistant's DEVICE_CLASS_UNITS and DEVICE_CLASS_STATE_CLASSES for the device classes used here
 # (home-assistant/core, homeassistant/components/sensor/const.py); None: no device class (any unit).
@@ -54,49 +59,6 @@ HA_SENSOR_KEYS = {"name", "unique_id", "state_topic", "value_template", "availab
                   "suggested_display_precision", "options", "json_attributes_topic", "json_attributes_template",
                   "entity_category", "expire_after", "force_update", "icon", "enabled_by_default", "encoding"}
 
-CFG = """
-[poller]
-host = "{host}"
-settle_s = 0
-
-[influxdb]
-enabled = false
-
-[spool]
-path = "{spool}"
-
-[buses.a]
-port = "{port}"
-timeout_s = 0.15
-retries = 0
-gap_s = 0.005
-
-[[sensors]]
-name = "charger"
-bus = "a"
-address = 1
-
-[[sensors]]
-name = "loads"
-bus = "a"
-address = 2
-
-[[sensors]]
-name = "battery"      # a sensor named like the battery topics' level: must not collide with them
-bus = "a"
-address = 3
-
-[[batteries]]
-name = "house"
-capacity_ah = 5
-charge = ["charger"]
-discharge = ["loads"]
-max_gap_s = 120
-
-[mqtt]
-enabled = true
-url = "{url}"
-"""
 
 
 def render(template: str, payload: str) -> str:
@@ -111,16 +73,10 @@ class Rig:
 
     def __init__(self, tmp: Path, broker: Mosquitto, model: BatteryModel, **mqtt_kw) -> None:
         self.model = model
-        t0 = time.monotonic()   # the model's time 0 (it runs SPEED times faster), and the monitor's clock
-
-        def clock(now: float) -> float:
-            return (now - t0) * SPEED
-
-        self.clock = clock
-        self.sim = Simulator([SimMeter(model=PZEM017, address=1, drive=model.drive("charge", clock)),
-                              SimMeter(model=PZEM017, address=2, drive=model.drive("load", clock)),
-                              SimMeter(model=PZEM017, address=3, steady=True)]).start()
-        text = CFG.format(host=HOST, spool=tmp / "spool.sqlite", port=self.sim.path, url=broker.url)
+        self.clock = ModelClock()   # the model's time 0 (it runs SPEED times faster), and the monitor's clock
+        self.sim = Simulator(meters(model, self.clock) + [SimMeter(model=PZEM017, address=3, steady=True)]).start()
+        text = config_text(port=self.sim.path, spool=tmp / "spool.sqlite", host=HOST, influxdb="enabled = false",
+                           sensors=SENSOR_NAMED_BATTERY, extra=f'[mqtt]\nenabled = true\nurl = "{broker.url}"\n')
         for k, v in mqtt_kw.items():
             text += f"{k} = {json.dumps(v)}\n"
         (tmp / "config.toml").write_text(text)
@@ -162,12 +118,6 @@ def broker(tmp_path):
     b = Mosquitto(tmp_path / "mosquitto").start()
     yield b
     b.stop()
-
-
-@pytest.fixture
-def no_rise_limit(monkeypatch):
-    # the model runs 300× real time: its counters rise faster than the poller's plausibility check allows
-    monkeypatch.setattr(poller_mod, "max_counter_rise", lambda model, seconds: float("inf"))
 
 
 def battery_states(sub: Sub, name: str = "house") -> list[dict]:

@@ -27,57 +27,23 @@ from dcmon.battery_store import BatteryStore
 from dcmon.bus import check_port
 from dcmon.cli import main
 from dcmon.errors import BusError
-from dcmon.models import PZEM017
 from dcmon.simulator import SimMeter, Simulator
 
-CFG = """
-[influxdb]
-enabled = false
+from battery_rig import ModelClock, config_text
+from battery_rig import meters as rig_meters
 
-[spool]
-path = "{tmp}/spool.sqlite"
-
-[buses.a]
-port = "{port}"
-timeout_s = 0.15
-retries = 0
-gap_s = 0.005
-
-[[sensors]]
-name = "charger"
-bus = "a"
-address = 1
-
-[[sensors]]
-name = "loads"
-bus = "a"
-address = 2
-
-[[batteries]]
-name = "house"
-capacity_ah = 5
-charge = ["charger"]
-discharge = ["loads"]
-max_gap_s = 120
-"""
 
 LINE = re.compile(r"^(\d\d:\d\d:\d\d) battery house: (SoC [^,]+), (\w+)(?: ([+-]\d+\.\d\d) A)?(?: (\d+\.\d\d) V)?")
 
 
 def write_config(tmp: Path, port: str, extra: str = "") -> Path:
     path = tmp / "config.toml"
-    path.write_text(CFG.format(tmp=tmp, port=port) + extra)
+    path.write_text(config_text(port=port, spool=tmp / "spool.sqlite", host=None, influxdb="enabled = false") + extra)
     return path
 
 
 def meters(model: BatteryModel) -> list[SimMeter]:
-    t0 = time.monotonic()
-
-    def clock(now: float) -> float:
-        return now - t0   # real time: what watch prints is what the model is now
-
-    return [SimMeter(model=PZEM017, address=1, drive=model.drive("charge", clock)),
-            SimMeter(model=PZEM017, address=2, drive=model.drive("load", clock))]
+    return rig_meters(model, ModelClock(speed=1.0))   # real time: what watch prints is what the model is now
 
 
 def env(tmp: Path) -> dict[str, str]:

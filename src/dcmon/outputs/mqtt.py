@@ -382,30 +382,11 @@ class MqttOutput:
         self.status_topic = f"{self.base}/status"
         self.node_id = f"dcmon_{h}"
         self._poller_device_id = f"dcmon_{h}"
-        self.meters: dict[str, MeterInfo] = {}
-        self._slugs: dict[str, str] = {}
-        taken: dict[str, str] = {}
-        for m in meters:
-            sl = slug(m.sensor)
-            if sl in taken and taken[sl] != m.sensor:
-                raise ConfigError(s.source or "config", "sensors",
-                                  f"sensor names {taken[sl]!r} and {m.sensor!r} give the same MQTT topic {sl!r}",
-                                  "rename one of them")
-            taken[sl] = m.sensor
-            self.meters[m.sensor] = m
-            self._slugs[m.sensor] = sl
-        self.batteries: dict[str, BatteryInfo] = {}
-        self._bslugs: dict[str, str] = {}
-        btaken: dict[str, str] = {}
-        for b in batteries:
-            sl = slug(b.name)
-            if sl in btaken and btaken[sl] != b.name:
-                raise ConfigError(s.source or "config", "batteries",
-                                  f"battery names {btaken[sl]!r} and {b.name!r} give the same MQTT topic {sl!r}",
-                                  "rename one of them")
-            btaken[sl] = b.name
-            self.batteries[b.name] = b
-            self._bslugs[b.name] = sl
+        meters, batteries = list(meters), list(batteries)
+        self.meters: dict[str, MeterInfo] = {m.sensor: m for m in meters}
+        self._slugs = _unique_slugs([m.sensor for m in meters], s.source, "sensors", "sensor")
+        self.batteries: dict[str, BatteryInfo] = {b.name: b for b in batteries}
+        self._bslugs = _unique_slugs([b.name for b in batteries], s.source, "batteries", "battery")
         self.configs: dict[str, str] = self._discovery_configs() if s.discovery else {}
         # the state/availability topics the entities announced now use (never cleared with a removed entity)
         self._in_use = _entity_topics(self.configs.values()) | {self.status_topic}
@@ -1056,6 +1037,21 @@ class _Work:
     states: list[tuple[str, Reading]]
     batteries: list[tuple[str, BatteryState, int]]  # (battery, state, wall time of the state)
     clear: list[str] = field(default_factory=list)  # retained topics of removed entities, cleared
+
+
+def _unique_slugs(names: Iterable[str], source: str | None, key: str, what: str) -> dict[str, str]:
+    """name → its topic level; two names giving the same one are a ConfigError (one line, the fix)."""
+    out: dict[str, str] = {}
+    taken: dict[str, str] = {}
+    for name in names:
+        sl = slug(name)
+        if sl in taken and taken[sl] != name:
+            raise ConfigError(source or "config", key,
+                              f"{what} names {taken[sl]!r} and {name!r} give the same MQTT topic {sl!r}",
+                              "rename one of them")
+        taken[sl] = name
+        out[name] = sl
+    return out
 
 
 def _entity_topics(payloads: Iterable[str]) -> set[str]:
