@@ -316,3 +316,32 @@ def test_a_disabled_meter_shows_no_soc_and_check_config_lists_the_batteries(tmp_
         assert mon.snapshot().soc_pct == 100.0
     finally:
         svc.close()
+
+
+def test_a_slow_poller_does_not_make_every_meter_stale_between_polls(tmp_path, capsys):
+    """interval_s = 60 (a common "log once a minute" setting) with the default max_gap_s = 60: each meter's
+    previous reading is a little over 60 s old at every poll, so the battery would flap between known and
+    stale. The service allows 3 poll intervals and says so once."""
+    from dcmon.cli import main
+
+    path = tmp_path / "config.toml"
+    path.write_text(config_text(port="/dev/null", spool=tmp_path / "spool.sqlite", influxdb="enabled = false",
+                                poller="interval_s = 130"))
+    assert main(["check-config", "--config", str(path)]) == 0   # (sets up dcmon's logging to stderr)
+    capsys.readouterr()
+    svc = BatteryService.from_config(config.load(path, env={}))
+    assert svc is not None
+    try:
+        # (the rig's battery has max_gap_s = 120; the default 60 behaves the same with interval_s = 60)
+        assert "max_gap_s 120 s is raised to 390 s (3 poll intervals of 130 s)" in capsys.readouterr().err
+        mon = svc.monitors["house"]
+        t = 0.0
+        for k in range(10):   # polls 130.4 s apart, the two meters 0.1 s apart
+            t += 130.4
+            for name, amps, dt in (("charger", 2.0, 0.0), ("loads", 0.5, 0.1)):
+                mon.update(name, 10**18 + int((t + dt) * 1e9), t + dt,
+                           {"voltage_v": 12.8, "current_a": amps, "power_w": 12.8 * amps, "energy_wh": 0})
+                if k:   # (both meters read once)
+                    assert mon.snapshot().stale_sensors == () and mon.snapshot().current_a == pytest.approx(1.5)
+    finally:
+        svc.close()

@@ -103,7 +103,7 @@ class BatteryService:
         naming a sensor with ``enabled = false`` shows no state of charge (said once at start-up)."""
         if not cfg.batteries:
             return None
-        svc = cls(cfg.batteries, store_path(cfg), cfg.host, **kw)
+        svc = cls([fit_to_interval(b, cfg.poller.interval_s) for b in cfg.batteries], store_path(cfg), cfg.host, **kw)
         disabled = {s.name for s in cfg.sensors if not s.enabled}
         for mon in svc.monitors.values():
             mon.disabled = disabled & set(mon.settings.sensors)
@@ -175,6 +175,18 @@ class BatteryService:
 
     def _save(self) -> None:
         self.store.save({name: mon.to_state() for name, mon in self.monitors.items()})
+
+
+def fit_to_interval(b: BatterySettings, interval_s: float) -> BatterySettings:
+    """A meter is stale once not read for ``max_gap_s``; with a slow poller (interval_s = 60, say) the
+    default 60 s would call every meter stale between two polls. So a battery allows at least 3 poll
+    intervals (said once at start-up)."""
+    want = 3.0 * interval_s
+    if b.max_gap_s >= want:
+        return b
+    log.info("battery %s: max_gap_s %g s is raised to %g s (3 poll intervals of %g s): a meter is stale only "
+             "after it missed 3 polls", b.name, b.max_gap_s, want, interval_s)
+    return dataclasses.replace(b, max_gap_s=want)
 
 
 # ------------------------------------------------------------------------------------------ display
