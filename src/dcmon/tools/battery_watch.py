@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import config as config_mod
 from ..battery import BatteryMonitor, BatterySettings
-from ..battery_service import headline
+from ..battery_service import fit_to_interval, headline
 from ..battery_store import APPLICATION_ID, store_path
 from ..calibration import apply_calibration
 from ..errors import BusError, ConfigError, DcmonError, DeviceError, UsageError
@@ -274,7 +274,7 @@ def watch_battery(args: argparse.Namespace, cfg: Config | None = None) -> int:
 
     check_options(args)
     cfg = cfg or config_mod.load(args.config)
-    bat = pick_battery(cfg, args.battery)
+    bat = fit_to_interval(pick_battery(cfg, args.battery), args.interval)   # stale only after 3 missed reads
     spath = status_path(cfg)
     tty = sys.stdout.isatty()
     printed = 0
