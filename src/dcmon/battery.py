@@ -537,6 +537,19 @@ class BatteryMonitor:
         self.changed = True
         self.events.append(f"battery {s.name}: synchronised to 100 %{was}")
 
+    def synchronise_by_hand(self, time_ns: int) -> None:
+        """The user says the battery is full now (``dcmon battery sync``, Victron's "Synchronise SoC to
+        100 %"): synchronise, and forget the meters' counter baselines, so that what flowed before now (since
+        the state was last saved) is not counted against the new 100 %."""
+        self.synchronise(time_ns)
+        self.events[-1] += " (by hand)"
+        for m in self._meters.values():
+            m.total_wh = m.counter_wh = m.last_ns = m.last_mono = None
+            m.phase_known = False
+        self._pending_ah = self._pending_wh = 0.0
+        self._sync_since, self._sync_latched = None, False
+        self._last_ns = time_ns
+
     def _lose(self, why: str) -> None:
         if self.soc_known:
             self.events.append(f"battery {self.settings.name}: state of charge lost ({why}); unknown until the "

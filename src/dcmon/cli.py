@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "dcmon.tools.meter",      # shunt, reset-energy, read, watch
     "dcmon.tools.calibrate",  # calibrate, check-accuracy
     "dcmon.tools.spool",      # spool (depth, export, quarantine)
+    "dcmon.tools.battery_cmd",  # battery sync
     "dcmon.tools.grafana",    # grafana-import
     "dcmon.influx_setup",  # influx-setup
     "dcmon.outputs.http",  # http-password
@@ -38,6 +39,7 @@ COMMAND_OWNERS = {
     **dict.fromkeys(("shunt", "reset-energy", "read", "watch"), "dcmon.tools.meter"),
     **dict.fromkeys(("calibrate", "check-accuracy"), "dcmon.tools.calibrate"),
     "spool": "dcmon.tools.spool",
+    "battery": "dcmon.tools.battery_cmd",
     "grafana-import": "dcmon.tools.grafana",
     "influx-setup": "dcmon.influx_setup",
     "http-password": "dcmon.outputs.http",

@@ -59,8 +59,9 @@ _METER_OPTIONS = (("sensor", "--sensor"), ("address", "--address"), ("port", "--
 
 # ------------------------------------------------------------------------------------ which battery
 
-def pick_battery(cfg: Config, name: str | None) -> BatterySettings:
-    """The battery named (or the only one); ConfigError naming the configured ones otherwise."""
+def pick_battery(cfg: Config, name: str | None, how: str = "--battery NAME") -> BatterySettings:
+    """The battery named (or the only one); ConfigError naming the configured ones otherwise. ``how``: how
+    the command line names one."""
     names = [b.name for b in cfg.batteries]
     if not names:
         raise ConfigError(cfg.source, "batteries", "no batteries configured",
@@ -68,7 +69,7 @@ def pick_battery(cfg: Config, name: str | None) -> BatterySettings:
     if name is None:
         if len(names) == 1:
             return cfg.batteries[0]
-        raise UsageError(f"which battery? give --battery NAME (batteries in {cfg.source}: {', '.join(names)})")
+        raise UsageError(f"which battery? give {how} (batteries in {cfg.source}: {', '.join(names)})")
     for b in cfg.batteries:
         if b.name == name:
             return b
