@@ -384,4 +384,4 @@ def test_alert_file_has_the_documented_structure():
                     assert set(used) <= set(refs[:refs.index(d["refId"])]), r["title"]
                 else:
                     assert d["datasourceUid"] in ds and d["model"]["rawQuery"] is True
-    assert len(uids) == 5
+    assert len(uids) == 6
