@@ -539,6 +539,15 @@ ALERT_QUERIES = {
     "voltage": (f'SELECT last("voltage_v") AS "voltage_v" FROM {BOTH} WHERE $timeFilter GROUP BY {GROUP}', 600),
     "voltage_min": ('SELECT last("low_voltage_v") AS "low_voltage_v" FROM "dcmon_meta"."dcmon_thresholds" '
                     f'WHERE time >= 0 GROUP BY {GROUP}', 600),
+    # the state of charge of each battery's newest point, only where that point knows it: the inner query takes
+    # the newest point (last of soc_known, a field every point has) with its soc_pct; a battery whose newest point
+    # is unknown gives no row (last("soc_pct") alone would give the last known value, however old)
+    "soc": (f'SELECT "soc_pct" FROM (SELECT last("soc_known") AS "soc_known", "soc_pct" FROM {BAT} '
+            f'WHERE $timeFilter GROUP BY {BAT_GROUP}) WHERE $timeFilter AND "soc_known" = true GROUP BY {BAT_GROUP}',
+            600),
+    # each battery's discharge floor (lead-acid 50 %, LiFePO4 10 %, or discharge_floor_pct), by dcmon influx-setup
+    "soc_floor": ('SELECT last("discharge_floor_pct") AS "discharge_floor_pct" FROM "dcmon_meta"."dcmon_thresholds" '
+                  f'WHERE time >= 0 GROUP BY {BAT_GROUP}', 600),
 }
 
 
@@ -576,6 +585,17 @@ def alert_rules() -> dict:
              summary="{{ $labels.sensor }} on {{ $labels.host }} is below its low-voltage threshold",
              description="Thresholds per sensor: influxdb.low_voltage_v in the host's config.toml, written to "
                          "InfluxDB by `dcmon influx-setup`."),
+        # warning, not critical: the battery has reached the floor its owner set for planning (Victron's SoC
+        # alarm), nothing is lost; the hard limit is the low-voltage rule. No data (no battery configured, or
+        # every battery's state of charge unknown) is not low: OK.
+        rule("dcmon-battery-soc-low", "Battery state of charge low",
+             [q_data("A", *Q["soc"]), q_data("B", *Q["soc_floor"]), reduce_("C", "A"), reduce_("D", "B"),
+              expr("E", type="math", expression="$C <= $D")], for_="5m",
+             summary="Battery {{ $labels.battery }} on {{ $labels.host }} is at or below its discharge floor",
+             description="Its state of charge has been at or below the floor for 5 minutes: charge it or shed "
+                         "load. The floor is [[batteries]] discharge_floor_pct (lead-acid 50 %, LiFePO4 10 %), "
+                         "written to InfluxDB by `dcmon influx-setup` (run it again after changing a battery). "
+                         "An unknown state of charge never fires this."),
     ]
     return {"apiVersion": 1, "groups": [{"orgId": 1, "name": "dcmon", "folder": ALERT_FOLDER, "interval": "1m",
                                           "rules": rules}]}

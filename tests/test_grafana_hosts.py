@@ -324,7 +324,8 @@ def alert_rules() -> dict[str, dict]:
 
 def evaluate(data, rule: dict) -> set[tuple[str, ...]]:
     """What Grafana would fire: run the InfluxQL queries over their relative ranges, then the rule's reduce,
-    threshold and math expressions (last/max over non-null values; lt/gt; the one math form we use)."""
+    threshold and math expressions (last/max over non-null values; lt/gt; the math forms we use, $X < $Y and
+    $X <= $Y, joined on equal labels)."""
     results: dict[str, dict[tuple, float | None]] = {}
     for d in rule["data"]:
         m = d["model"]
@@ -344,8 +345,9 @@ def evaluate(data, rule: dict) -> set[tuple[str, ...]]:
             results[d["refId"]] = {k: (v < limit if op == "lt" else v > limit)
                                    for k, v in results[m["expression"]].items()}
         else:
-            a, b = re.fullmatch(r"\$(\w+) < \$(\w+)", m["expression"]).groups()
-            results[d["refId"]] = {k: results[a][k] < results[b][k] for k in results[a] if k in results[b]}
+            a, op, b = re.fullmatch(r"\$(\w+) (<=?) \$(\w+)", m["expression"]).groups()
+            cmp = (lambda x, y: x <= y) if op == "<=" else (lambda x, y: x < y)
+            results[d["refId"]] = {k: cmp(results[a][k], results[b][k]) for k in results[a] if k in results[b]}
     return {tuple(v for _, v in k) for k, fire in results[rule["condition"]].items() if fire}
 
 
@@ -384,4 +386,4 @@ def test_alert_file_has_the_documented_structure():
                     assert set(used) <= set(refs[:refs.index(d["refId"])]), r["title"]
                 else:
                     assert d["datasourceUid"] in ds and d["model"]["rawQuery"] is True
-    assert len(uids) == 5
+    assert len(uids) == 6

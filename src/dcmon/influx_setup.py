@@ -21,8 +21,8 @@ What it makes (every step idempotent: run it again after changing the config, or
   written only while unknown, so a bucket's last one would outlive a return to known within the bucket;
 - in ``dcmon_meta``: ``dcmon_rp`` (which retention policy a dashboard reads for a time range: the point's
   timestamp is the shortest range, in ns since 1970, for which that policy is used) and
-  ``dcmon_thresholds`` (``low_voltage_v`` per host and sensor, from ``influxdb.low_voltage_v``, for the
-  Grafana alert rule) and ``dcmon_site`` (the host's time zone, ``influxdb.timezone`` or the machine's own,
+  ``dcmon_thresholds`` (``low_voltage_v`` per host and sensor, from ``influxdb.low_voltage_v``, and
+  ``discharge_floor_pct`` per host and battery, from ``[[batteries]]``, for the Grafana alert rules) and ``dcmon_site`` (the host's time zone, ``influxdb.timezone`` or the machine's own,
   where the dashboards' days start);
 - the first time the 1-minute policy is created, the raw data already there is downsampled into it, before
   the raw policy is shortened; likewise, a measurement whose continuous queries are created for the first
@@ -361,11 +361,16 @@ def write_meta(cfg: Config, api: Influx, raw_rp: str) -> int:
         changed += 1
     from .reading import encode_line
     host = cfg.host
+    # per sensor: low_voltage_v (tag sensor); per battery: its discharge floor (tag battery), for the SoC alert
     lines = [encode_line(THRESHOLD_MEASUREMENT, {"host": host, "sensor": name}, {"low_voltage_v": float(v)}, 0)
              for name, v in sorted(cfg.influxdb.low_voltage_v.items())]
-    have_t = {(r["host"], r["sensor"]): r["low_voltage_v"] for r in
-              api.rows(f"SELECT * FROM {q(META_RP)}.{q(THRESHOLD_MEASUREMENT)} WHERE \"host\" = '{_esc(host)}'")}
-    want_t = {(host, n): float(v) for n, v in cfg.influxdb.low_voltage_v.items()}
+    lines += [encode_line(THRESHOLD_MEASUREMENT, {"host": host, "battery": b.name},
+                          {"discharge_floor_pct": float(b.discharge_floor_pct)}, 0) for b in cfg.batteries]
+    have_t = {(k, r[tag]): r[k] for r in
+              api.rows(f"SELECT * FROM {q(META_RP)}.{q(THRESHOLD_MEASUREMENT)} WHERE \"host\" = '{_esc(host)}'")
+              for k, tag in (("low_voltage_v", "sensor"), ("discharge_floor_pct", "battery")) if r.get(k) is not None}
+    want_t = {("low_voltage_v", n): float(v) for n, v in cfg.influxdb.low_voltage_v.items()}
+    want_t |= {("discharge_floor_pct", b.name): float(b.discharge_floor_pct) for b in cfg.batteries}
     if have_t != want_t:
         api.run(f"DROP SERIES FROM {q(THRESHOLD_MEASUREMENT)} WHERE \"host\" = '{_esc(host)}'")
         if lines:
