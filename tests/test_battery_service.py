@@ -345,3 +345,21 @@ def test_a_slow_poller_does_not_make_every_meter_stale_between_polls(tmp_path, c
                     assert mon.snapshot().stale_sensors == () and mon.snapshot().current_a == pytest.approx(1.5)
     finally:
         svc.close()
+
+
+def test_dcmon_status_warns_when_a_battery_is_at_its_floor():
+    """Victron's SoC alarm without Grafana: the status verdict is WARNING (exit 1) when a battery's known state of
+    charge is at or below its discharge floor; unknown is not low; above the floor is OK."""
+    import os as _os
+
+    from dcmon.service_cli import STATUS_OK, STATUS_WARNING, assess
+
+    def rec(soc):
+        return {"pid": _os.getpid(), "time": time.time(), "state": "running", "sensors": {}, "buses": {},
+                "batteries": {"house": {"soc_pct": soc, "discharge_floor_pct": 50.0}}}
+    code, problems = assess(rec(48.2))
+    assert code == STATUS_WARNING and problems == [
+        "battery 'house' is at 48.2 %, at or below its discharge floor (50 %): charge it"]
+    assert assess(rec(50.0))[0] == STATUS_WARNING
+    assert assess(rec(50.1)) == (STATUS_OK, [])
+    assert assess(rec(None)) == (STATUS_OK, [])

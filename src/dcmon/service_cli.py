@@ -179,7 +179,7 @@ def _clock(t: object) -> str:
 def assess(data: dict, *, now: float | None = None, max_age_s: float = STATUS_MAX_AGE_S,
            max_backlog_s: float = STATUS_MAX_BACKLOG_S) -> tuple[int, list[str]]:
     """The verdict on a status record: (exit status, problems). Not running (stopped, a dead pid, a stale
-    status) is CRITICAL; running with a sensor down or an old backlog is WARNING."""
+    status) is CRITICAL; running with a sensor down, an old backlog or a battery at its floor is WARNING."""
     now = time.time() if now is None else now
     pid = data.get("pid")
     age = now - float(data.get("time") or 0)
@@ -206,6 +206,11 @@ def assess(data: dict, *, now: float | None = None, max_age_s: float = STATUS_MA
             why = data.get("sender_error") or "InfluxDB has not taken them"
             problems.append(f"{sp.get('depth', 0)} reading(s) wait in the spool, the oldest {backlog / 60:.0f} min "
                             f"old: {why}")
+    for name, b in (data.get("batteries") or {}).items():   # Victron's SoC alarm: at or below the floor
+        soc, floor = (b.get("soc_pct"), b.get("discharge_floor_pct")) if isinstance(b, dict) else (None, None)
+        if isinstance(soc, (int, float)) and isinstance(floor, (int, float)) and soc <= floor:
+            problems.append(f"battery {name!r} is at {soc:.1f} %, at or below its discharge floor ({floor:g} %): "
+                            f"charge it")
     for name, o in (data.get("outputs") or {}).items():   # the other durable outputs' own spools (MQTT stream)
         if name == "influxdb" or not isinstance(o, dict) or not o.get("oldest_time_ns") or not o.get("sending", True):
             continue
@@ -371,7 +376,8 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
                 description="What the running poller sees: each meter, its last reading and errors, the spool. The "
                             "first line is the verdict, and the exit status says it for scripts and monitoring "
                             "(Nagios plugin codes): 0 OK: running, every sensor up, no old backlog; 1 WARNING: "
-                            "running, but a sensor is down or readings older than --max-backlog wait for InfluxDB; "
+                            "running, but a sensor is down, readings older than --max-backlog wait for InfluxDB, or a "
+                            "battery is at or below its discharge floor; "
                             "2 CRITICAL: not running (stopped, killed, no status) or its status is older than "
                             "--max-age; 3 UNKNOWN: the status cannot be read (permissions).",
                 examples="  dcmon status\n  dcmon status --brief || echo 'dcmon needs attention'\n"
