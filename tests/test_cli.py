@@ -56,3 +56,21 @@ def test_other_libraries_are_quiet_above_debug_and_speak_at_debug(capsys):
     assert "decoded PDU" not in quiet and "Processing:" not in quiet
     assert "decoded PDU" in loud and "ReadInputRegistersResponse" in loud   # pymodbus's own view of the frames
     cli.quiet_libraries("info")
+
+
+def test_log_lines_go_to_the_stderr_of_the_moment(monkeypatch):
+    """A thread that logs after stderr was swapped (a test's capture closed, a redirect) writes to the new one,
+    never to a closed file ("--- Logging error ---" on the real stderr)."""
+    import io
+    import logging
+
+    from dcmon.cli import setup_logging
+
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr("sys.stderr", first)
+    setup_logging("info")
+    logging.getLogger("dcmon.test").info("one")
+    first.close()
+    monkeypatch.setattr("sys.stderr", second)
+    logging.getLogger("dcmon.test").info("two")
+    assert "INFO    two" in second.getvalue()

@@ -146,6 +146,8 @@ def test_states_equal_the_battery_service_null_before_the_first_sync_numbers_aft
         assert rig.mqtt.output.flush(10)
         status = rig.svc.status()["house"]
         sent = rig.mqtt.output.battery_states_sent
+        # the broker has them all; the independent subscriber gets the last a moment later
+        assert sub.wait(lambda m: sum(t == f"dcmon/{HOST}/battery/house/state" for _, t, _ in m) >= sent)
     finally:
         rig.close()
         sub.stop()
@@ -206,6 +208,8 @@ def test_discovery_a_device_per_battery_with_pairs_home_assistant_accepts(tmp_pa
                      meters=meters, batteries=batteries).start()
     try:
         assert out.flush(10)
+        # the broker has them all; the independent subscriber gets them a moment later
+        assert sub.wait(lambda m: sum("/_battery_" in t and bool(p) for _, t, p in m) >= 2 * len(BATTERY_ENTITIES))
     finally:
         out.close()
         sub.stop()

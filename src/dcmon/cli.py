@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Mapping
+from typing import TextIO
 
 from . import __version__
 from .errors import ConfigError, DcmonError
@@ -119,12 +120,25 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a line is logged (not the one at set-up: a thread that logs
+    after a caller swapped or closed it, as a test's capture does, must not hit a closed file)."""
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: object) -> None:
+        pass
+
+
 def setup_logging(level: str) -> None:
     """Under systemd: syslog priority prefixes for journald, no timestamps (journald adds them).
     On a terminal: time, level, message."""
     from .systemd import JournalFormatter, under_journal
 
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Stderr()
     if under_journal():
         handler.setFormatter(JournalFormatter("%(message)s"))
     else:
