@@ -174,6 +174,11 @@ class BatterySettings:
         """True when the state of charge can be estimated at all (see ``limits``)."""
         return bool(self.charge) and bool(self.discharge) and not self.battery_cable
 
+    def stale_after_s(self, interval_s: float) -> float:
+        """How long a meter may go unread before it counts as stale: ``max_gap_s``, but at least 3 poll
+        intervals (a once-a-minute poller would otherwise make every meter stale between two polls)."""
+        return max(self.max_gap_s, 3.0 * interval_s)
+
     def fingerprint(self) -> str:
         """What a saved state must match to be restored: the capacity and the meters counted."""
         return f"{self.capacity_ah:g}Ah|in={','.join(self.charge)}|out={','.join(self.discharge)}"

@@ -48,7 +48,7 @@ def influx_fields(st: BatteryState) -> dict[str, FieldScalar]:
     ``unknown_reason`` is shortened to its first sentence (a limits() text is ~500 bytes, every cycle)."""
     out = {_RENAME.get(k, k): _round(k, v) for k, v in st.fields().items()}
     if "unknown_reason" in out:
-        out["unknown_reason"] = _why(st.name, str(out["unknown_reason"]))
+        out["unknown_reason"] = short_reason(st.name, str(out["unknown_reason"]))
     return out
 
 
@@ -153,16 +153,7 @@ class BatteryService:
     def status(self) -> dict[str, Any]:
         """Battery name → its state (JSON-able: None = unknown), for status.json's ``"batteries"``."""
         with self._lock:
-            out: dict[str, Any] = {}
-            for name, mon in self.monitors.items():
-                st = mon.snapshot()
-                d = dataclasses.asdict(st)
-                d["stale_sensors"] = list(st.stale_sensors)
-                d["capacity_ah"] = mon.settings.capacity_ah
-                d["discharge_floor_pct"] = mon.settings.discharge_floor_pct
-                d["can_count"] = mon.settings.can_count
-                out[name] = d
-            return out
+            return {name: status_entry(mon.snapshot(), mon.settings) for name, mon in self.monitors.items()}
 
     def close(self) -> None:
         """Save every battery's state and close the file (idempotent)."""
@@ -177,11 +168,26 @@ class BatteryService:
         self.store.save({name: mon.to_state() for name, mon in self.monitors.items()})
 
 
+def settings_entry(s: BatterySettings) -> dict[str, Any]:
+    """What a battery's status entry tells of its settings (the page and `dcmon status` use them)."""
+    return {"capacity_ah": s.capacity_ah, "discharge_floor_pct": s.discharge_floor_pct, "can_count": s.can_count}
+
+
+def status_entry(st: BatteryState, settings: BatterySettings | None = None) -> dict[str, Any]:
+    """A state as status.json's ``"batteries"`` holds it (JSON-able, None = unknown), with the settings'
+    keys when ``settings`` is given."""
+    d = dataclasses.asdict(st)
+    d["stale_sensors"] = list(st.stale_sensors)
+    if settings is not None:
+        d.update(settings_entry(settings))
+    return d
+
+
 def fit_to_interval(b: BatterySettings, interval_s: float) -> BatterySettings:
     """A meter is stale once not read for ``max_gap_s``; with a slow poller (interval_s = 60, say) the
     default 60 s would call every meter stale between two polls. So a battery allows at least 3 poll
     intervals (said once at start-up)."""
-    want = 3.0 * interval_s
+    want = b.stale_after_s(interval_s)
     if b.max_gap_s >= want:
         return b
     log.info("battery %s: max_gap_s %g s is raised to %g s (3 poll intervals of %g s): a meter is stale only "
@@ -201,7 +207,7 @@ def duration(s: float) -> str:
     return f"{s / 86400:.1f} days"
 
 
-def _why(name: str, reason: str) -> str:
+def short_reason(name: str, reason: str) -> str:
     """The reason the SoC is unknown, short: a limits() text becomes its first sentence."""
     prefix = f"battery {name}: "
     if reason.startswith(prefix):
@@ -214,7 +220,7 @@ def headline(name: str, b: Mapping[str, Any]) -> str:
     12.61 V, time to go 5 h 12 min to 50 %`` (``dcmon status`` and ``dcmon watch --battery``)."""
     soc = b.get("soc_pct")
     head = (f"SoC {soc:.1f} %" if isinstance(soc, (int, float))
-            else f"SoC unknown ({_why(str(name), str(b.get('unknown_reason') or ''))})")
+            else f"SoC unknown ({short_reason(str(name), str(b.get('unknown_reason') or ''))})")
     state = str(b.get("status") or "unknown")
     cur, volt = b.get("current_a"), b.get("voltage_v")
     if isinstance(cur, (int, float)):
@@ -252,4 +258,5 @@ def status_lines(batteries: Mapping[str, Any], *, now_ns: int | None = None) -> 
     return out
 
 
-__all__ = ["BatteryService", "MEASUREMENT", "duration", "headline", "influx_fields", "status_lines", "store_path"]
+__all__ = ["BatteryService", "MEASUREMENT", "duration", "fit_to_interval", "headline", "influx_fields", "settings_entry",
+           "short_reason", "status_entry", "status_lines", "store_path"]

@@ -51,7 +51,7 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator, Mapping
@@ -620,25 +620,11 @@ class _BatteryInfo:
 
     sensors: tuple[str, ...]
     stale_after_s: float
-    extras: Mapping[str, Any]   # the keys BatteryService.status() adds to the state: capacity_ah, ...
+    settings: BatterySettings
 
     @classmethod
     def of(cls, s: BatterySettings, interval_s: float) -> _BatteryInfo:
-        return cls(tuple(s.sensors), max(s.max_gap_s, 3.0 * interval_s),
-                   {"capacity_ah": s.capacity_ah, "discharge_floor_pct": s.discharge_floor_pct, "can_count": s.can_count})
-
-
-def _state_dict(st: BatteryState) -> dict[str, Any]:
-    """A BatteryState as BatteryService.status() gives it (None stays None)."""
-    d = asdict(st)
-    d["stale_sensors"] = list(st.stale_sensors)
-    return d
-
-
-def _short_reason(name: str, reason: str) -> str:
-    from ..battery_service import _why   # the one shortening (the InfluxDB field and `dcmon status` use it)
-
-    return _why(name, reason) if reason else ""
+        return cls(tuple(s.sensors), s.stale_after_s(interval_s), s)
 
 
 def _batteries(states: Mapping[str, tuple[BatteryState, int]], up: Mapping[str, bool | None],
@@ -652,6 +638,7 @@ def _batteries(states: Mapping[str, tuple[BatteryState, int]], up: Mapping[str, 
     if not names:
         return []
     from ..battery import BatteryState
+    from ..battery_service import settings_entry, short_reason, status_entry
 
     blank = dict.fromkeys((f.name for f in fields(BatteryState)), None)   # the same keys, always
     out = []
@@ -662,16 +649,17 @@ def _batteries(states: Mapping[str, tuple[BatteryState, int]], up: Mapping[str, 
         b.update(from_status.get(name) or {})
         got = states.get(name)
         if got is not None:
-            b.update(_state_dict(got[0]))
+            b.update(status_entry(got[0]))
         if i is not None:
-            for k, v in i.extras.items():
+            for k, v in settings_entry(i.settings).items():
                 b.setdefault(k, v)
         sensors = list(i.sensors) if i is not None else sorted(set(b.get("stale_sensors") or []))
         down = [s for s in sensors if up.get(s) is False]
         stale_after = i.stale_after_s if i is not None else BATTERY_STALE_S
         b["sensors"], b["down_sensors"] = sensors, down
         b["updated_ns"] = got[1] if got is not None else None
-        b["reason"] = _short_reason(name, str(b.get("unknown_reason") or ""))
+        reason = str(b.get("unknown_reason") or "")
+        b["reason"] = short_reason(name, reason) if reason else ""
         b["stale"] = bool(b.get("stale_sensors") or down or got is None
                           or (now_ns - got[1]) / 1e9 > stale_after)
         out.append(b)

@@ -24,7 +24,6 @@ fail with "in use" until then).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import difflib
 import json
 import os
@@ -39,12 +38,12 @@ from typing import TYPE_CHECKING, Any
 
 from .. import config as config_mod
 from ..battery import BatteryMonitor, BatterySettings
-from ..battery_service import fit_to_interval, headline
+from ..battery_service import fit_to_interval, headline, status_entry
 from ..battery_store import APPLICATION_ID, store_path
 from ..calibration import apply_calibration
 from ..errors import BusError, ConfigError, DcmonError, DeviceError, UsageError
 from ..meter import read_values
-from .target import note
+from .target import next_tick, note
 
 if TYPE_CHECKING:
     from ..bus import Bus
@@ -246,11 +245,7 @@ class Direct:
 
     def entry(self) -> dict[str, Any]:
         """The battery's state in the shape of status.json's ``"batteries"`` entries."""
-        st = self.monitor.snapshot(time.time_ns(), time.monotonic())
-        d = dataclasses.asdict(st)
-        d["stale_sensors"] = list(st.stale_sensors)
-        d["discharge_floor_pct"] = self.bat.discharge_floor_pct
-        return d
+        return status_entry(self.monitor.snapshot(time.time_ns(), time.monotonic()), self.bat)
 
     def close(self) -> None:
         for bus in self.buses.values():
@@ -338,12 +333,7 @@ def watch_battery(args: argparse.Namespace, cfg: Config | None = None) -> int:
                     out(battery_line(bat.name, direct.entry(), time.strftime("%H:%M:%S"), problems))
             if args.count is not None and printed >= args.count:
                 break
-            next_at += args.interval
-            delay = next_at - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            else:
-                next_at = time.monotonic()
+            next_at = next_tick(next_at, args.interval)
     except KeyboardInterrupt:
         if tty:
             sys.stdout.write("\n")

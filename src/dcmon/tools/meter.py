@@ -17,7 +17,7 @@ from ..helptext import Formatter
 from ..meter import read_shunt, read_shunt_code, read_values, set_shunt
 from ..models import FieldValue, shunt_amps
 from .target import (
-    STOP_FIRST, Target, examples, format_block, format_value, handler, meter_parser, note, positive, resolve, say,
+    STOP_FIRST, Target, examples, format_block, format_value, handler, meter_parser, next_tick, note, positive, resolve, say,
     target_parser,
 )
 
@@ -177,12 +177,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 n += 1
                 if args.count is not None and n >= args.count:
                     break
-                next_at += args.interval
-                delay = next_at - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-                else:
-                    next_at = time.monotonic()
+                next_at = next_tick(next_at, args.interval)
     except KeyboardInterrupt:
         sys.stdout.write("\n" if tty else "")
     return 0

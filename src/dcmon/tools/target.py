@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TextIO
@@ -188,6 +189,18 @@ def format_block(model: Model, values: dict[str, FieldValue], calibrated: dict[s
 
 def say(text: str, stream: TextIO | None = None) -> None:
     print(text, file=stream or sys.stdout, flush=True)
+
+
+def next_tick(next_at: float, interval_s: float) -> float:
+    """Sleep until the next tick of a schedule on the monotonic clock (``watch``'s refreshes); a tick that is
+    already late starts the schedule again from now, rather than a burst of catch-up ticks. Returns the
+    tick just reached."""
+    next_at += interval_s
+    delay = next_at - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
+        return next_at
+    return time.monotonic()
 
 
 def note(text: str) -> None:
