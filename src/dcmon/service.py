@@ -271,26 +271,23 @@ class Service:
     def _on_reading(self, r: Reading) -> None:
         if self._echo:
             print(format_reading(r), flush=True)
-        for out in self.outputs:
-            try:
-                out.on_reading(r)
-            except Exception as e:   # noqa: BLE001 - an output's bug must not stop the bus or the other outputs
-                self._complain(out.name, "on_reading", e)
+        self._each(self.outputs, "on_reading", r)
 
     def _on_battery(self, state: BatteryState) -> None:
-        for out in self.outputs:
-            try:
-                out.on_battery(state)
-            except Exception as e:   # noqa: BLE001 - as above
-                self._complain(out.name, "on_battery", e)
+        self._each(self.outputs, "on_battery", state)
 
     def _on_meter_state(self, st: SensorState, up: bool) -> None:
         labels = {"host": self.cfg.host, "bus": st.cfg.bus, "model": st.cfg.model}
-        for out in self.outputs:
+        self._each(self.outputs, "meter_state", st.name, up, labels)
+
+    def _each(self, peers: Sequence[Output] | Sequence[ReadingConsumer], call: str, *args: object) -> None:
+        """``peer.<call>(*args)`` on every output (or consumer), each guarded: one's bug must stop neither the
+        bus nor the others (logged once by _complain)."""
+        for peer in peers:
             try:
-                out.meter_state(st.name, up, labels)
-            except Exception as e:   # noqa: BLE001 - as above
-                self._complain(out.name, "meter_state", e)
+                getattr(peer, call)(*args)
+            except Exception as e:   # noqa: BLE001 - see the docstring
+                self._complain(peer.name, call, e)
 
     def _complain(self, who: str, what: str, e: BaseException) -> None:
         """An output's unexpected error: one line per output, call and kind of error (debug has the traceback)."""
@@ -347,11 +344,7 @@ class Service:
             if lane.output.sink() is not None and not lane.sender.flush(timeout_s=10.0):
                 log.warning("%s: %d reading(s) kept in the spool %s (%s)", lane.output.name, lane.spool.stats().depth,
                             lane.spool.path, lane.sender.last_error or "not sent in time")
-        for out in self.outputs:   # the live outputs (MQTT's states): delivered before the process exits
-            try:
-                out.flush()
-            except Exception as e:   # noqa: BLE001 - as in _on_reading
-                self._complain(out.name, "flush", e)
+        self._each(self.outputs, "flush")   # the live outputs (MQTT's states): delivered before the process exits
         if cfg.influxdb.enabled:
             # send while it works (a backlog too, for up to 30 s); the first failure ends it with one line
             deadline = time.monotonic() + 30.0
@@ -435,22 +428,14 @@ class Service:
         if self.counters:
             _save_counters(self.spool, self.poller)
         self.poller.close()
-        for c in self.consumers:
-            try:
-                c.close()
-            except Exception as e:   # noqa: BLE001 - closing the rest matters more
-                self._complain(c.name, "close", e)
+        self._each(self.consumers, "close")   # closing the rest matters more than one's error
         self._close_outputs()
 
     def _close_outputs(self) -> None:
         for lane in self.lanes:
             lane.sender.close()
             lane.spool.close()
-        for out in self.outputs:
-            try:
-                out.close()
-            except Exception as e:   # noqa: BLE001 - closing the rest matters more
-                self._complain(out.name, "close", e)
+        self._each(self.outputs, "close")
 
 
 def run(cfg: Config, *, simulate: bool = False, once: bool = False, echo: bool | None = None,
