@@ -74,3 +74,38 @@ def test_log_lines_go_to_the_stderr_of_the_moment(monkeypatch):
     monkeypatch.setattr("sys.stderr", second)
     logging.getLogger("dcmon.test").info("two")
     assert "INFO    two" in second.getvalue()
+
+
+def test_a_reader_that_goes_away_is_no_traceback(tmp_path):
+    """`dcmon status | head -1` and the like: the reader closes the pipe before dcmon has written; every
+    command ends quietly (exit 0), never with a BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "config.toml"
+    cfg.write_text('[buses.a]\nport = "/dev/null"\n[[sensors]]\nname = "x"\nbus = "a"\naddress = 1\n')
+    for cmd in (["check-config", "--config", str(cfg)], ["--help"]):
+        r = subprocess.run(["bash", "-c", 'set -o pipefail; "$@" | true', "sh", sys.executable, "-m", "dcmon.cli", *cmd],
+                           capture_output=True, text=True, timeout=60)
+        assert "Traceback" not in r.stderr and r.returncode == 0, (cmd, r.returncode, r.stderr)
+
+
+def test_a_killed_poller_not_yet_reaped_is_not_running():
+    """kill -9, and its parent has not reaped it yet (a zombie): `dcmon status` must say not running."""
+    import subprocess
+    import time
+
+    from dcmon.service_cli import _pid_alive
+
+    p = subprocess.Popen(["sleep", "30"])
+    try:
+        assert _pid_alive(p.pid)
+        p.kill()
+        deadline = time.monotonic() + 10
+        while _pid_alive(p.pid) and time.monotonic() < deadline:   # not reaped: os.kill(pid, 0) still succeeds
+            time.sleep(0.05)
+        assert not _pid_alive(p.pid)
+        assert p.poll() is not None   # (reaped only now)
+    finally:
+        p.kill()
+        p.wait()

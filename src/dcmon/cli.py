@@ -190,7 +190,12 @@ def say_error(text: str) -> None:
 
 
 def run_main() -> None:
-    sys.exit(main())
+    try:
+        code = main()
+    except BrokenPipeError:   # `dcmon status | head -1`: the reader has what it wanted (every command alike)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # (else the exit's flush fails too)
+        code = 0
+    sys.exit(code)
 
 
 if __name__ == "__main__":

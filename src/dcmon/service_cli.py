@@ -163,10 +163,14 @@ def _pid_alive(pid: object) -> bool:
     try:
         os.kill(int(pid), 0)  # type: ignore[call-overload]
     except PermissionError:
-        return True           # there, and someone else's (the service runs as dcmon)
+        pass                  # there, and someone else's (the service runs as dcmon)
     except (OSError, ValueError, TypeError, OverflowError):
         return False
-    return True
+    try:   # killed but not yet reaped by its parent (a zombie) is not running either
+        with open(f"/proc/{int(pid)}/stat", "rb") as f:   # type: ignore[call-overload]
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _clock(t: object) -> str:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import os
 import shutil
 import sqlite3
 import sys
@@ -337,9 +336,6 @@ def watch_battery(args: argparse.Namespace, cfg: Config | None = None) -> int:
     except KeyboardInterrupt:
         if tty:
             sys.stdout.write("\n")
-    except BrokenPipeError:   # `dcmon watch --battery house | head -3`: the reader has what it wanted
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
     finally:
         if direct is not None:
             direct.close()
