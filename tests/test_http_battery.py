@@ -329,7 +329,9 @@ def test_the_page_shows_a_battery_unknown_then_its_state_of_charge(tmp_path, no_
                 rig.discharge(1.0, 900)
                 want = rig.house()
                 soc = f"{want['soc_pct']:.1f} %"
-                browser.wait(f"{BAT}.querySelector('.soc').textContent === '{soc}'")
+                # the newest state, not an earlier one of the discharge that rounds to the same text
+                browser.wait(f"{BAT}.querySelector('.soc').textContent === '{soc}' && Math.abs(parseFloat("
+                             f"{BAT}.querySelector('.gauge .fill').style.width) - {want['soc_pct']}) < 0.01")
                 assert 90 < want["soc_pct"] < 100
                 assert q(".why") == "" and q(".badge") == "discharging" and q(".net") == f"−{-want['current_a']:.2f}"
                 width = float(browser.js(f"{BAT}.querySelector('.gauge .fill').style.width").rstrip("%"))
