@@ -56,7 +56,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Generic, Iterable, Mapping, Sequence, TypeVar
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
@@ -406,16 +406,9 @@ class MqttOutput:
         self._announce = False
         self._removals: set[str] = set()
         self._clear: set[str] = set()   # retained state/availability topics of removed entities
-        self._avail: dict[str, str] = {}
-        self._avail_dirty: set[str] = set()
-        self._latest: dict[str, Reading] = {}
-        self._state_dirty: set[str] = set()
-        self._state_inflight: dict[str, mqtt.MQTTMessageInfo] = {}
-        self._bat_latest: dict[str, tuple[BatteryState, int]] = {}   # battery -> (newest state, wall time)
-        self._bat_dirty: set[str] = set()
-        self._bat_inflight: dict[str, mqtt.MQTTMessageInfo] = {}
-        self._bat_avail: dict[str, str] = {}
-        self._bat_avail_dirty: set[str] = set()
+        self._meter_ch: _Channel[Reading] = _Channel(self.topic, state_payload)
+        self._bat_ch: _Channel[tuple[BatteryState, int]] = _Channel(self.battery_topic, lambda v: battery_payload(*v))
+        self._channels: tuple[_Channel[Any], ...] = (self._meter_ch, self._bat_ch)   # sent in this order
         self._pending: list[mqtt.MQTTMessageInfo] = []              # other messages not acknowledged yet (flush)
         self._flushing = 0
         self._sending = False                                       # work taken from the sets, not yet published
@@ -429,9 +422,7 @@ class MqttOutput:
         self.last_error = "not connected yet"
         self.last_progress = time.monotonic()
         self.connects = 0
-        self.states_sent = 0
-        self.states_coalesced = 0       # newer readings that replaced one not yet sent
-        self.battery_states_sent = 0
+        self.states_coalesced = 0       # newer readings (or battery states) that replaced one not yet sent
         self.stream_sent = 0
         self.announcements = 0
         self.entities_removed = 0
@@ -488,6 +479,9 @@ class MqttOutput:
     def connected(self) -> bool:
         return self._connected
 
+    states_sent = property(lambda self: self._meter_ch.sent)          # state messages handed to paho
+    battery_states_sent = property(lambda self: self._bat_ch.sent)
+
     def ping(self) -> bool:
         """The Sink contract's probe: connected again? (the sender then sends the stream's backlog at once)"""
         return self._connected
@@ -516,9 +510,7 @@ class MqttOutput:
                         break
                     self._cv.wait(min(0.05, left))  # paho marks a message acknowledged just after on_publish
                 done = self._idle()
-                waiting = len(self._state_dirty) + len(self._bat_dirty) + sum(
-                    1 for i in [*self._state_inflight.values(), *self._bat_inflight.values(), *self._pending]
-                    if not _done(i))
+                waiting = sum(ch.waiting() for ch in self._channels) + sum(1 for i in self._pending if not _done(i))
             finally:
                 self._flushing -= 1
         if not done:
@@ -529,11 +521,10 @@ class MqttOutput:
     def _idle(self) -> bool:
         """Connected, nothing left to send and nothing in flight (call with _cv held)."""
         if not self._connected or self._sending or self._resync or self._announce or self._removals or self._clear \
-                or not self._configs_read or self._avail_dirty or self._bat_avail_dirty or self._state_dirty or self._bat_dirty:
+                or not self._configs_read or any(ch.avail_dirty or ch.dirty for ch in self._channels):
             return False
         self._pending = [i for i in self._pending if not _done(i)]
-        return not self._pending and all(_done(i) for i in self._state_inflight.values()) \
-            and all(_done(i) for i in self._bat_inflight.values())
+        return not self._pending and all(_done(i) for ch in self._channels for i in ch.inflight.values())
 
     def close(self, timeout_s: float | None = None) -> None:
         """Stop: send what is pending (discovery, availability, newest states), publish ``offline`` on the
@@ -568,13 +559,9 @@ class MqttOutput:
             log.debug("%s: reading for unknown sensor %r not published as state", self.where, sensor)
             return
         with self._cv:
-            if sensor in self._state_dirty:
+            if self._meter_ch.put(sensor, reading):
                 self.states_coalesced += 1
-            self._latest[sensor] = reading
-            self._state_dirty.add(sensor)
-            if self._avail.get(sensor) != ONLINE:
-                self._avail[sensor] = ONLINE
-                self._avail_dirty.add(sensor)
+            if self._meter_ch.set_avail(sensor, ONLINE):
                 self._update_battery_avail(sensor)
             self._cv.notify_all()
 
@@ -589,9 +576,7 @@ class MqttOutput:
         if sensor not in self.meters:
             return
         with self._cv:
-            if self._avail.get(sensor) != value:
-                self._avail[sensor] = value
-                self._avail_dirty.add(sensor)
+            if self._meter_ch.set_avail(sensor, value):
                 self._update_battery_avail(sensor)
                 self._cv.notify_all()
 
@@ -603,10 +588,8 @@ class MqttOutput:
             log.debug("%s: state of unknown battery %r not published", self.where, name)
             return
         with self._cv:
-            if name in self._bat_dirty:
+            if self._bat_ch.put(name, (state, time.time_ns())):
                 self.states_coalesced += 1
-            self._bat_latest[name] = (state, time.time_ns())
-            self._bat_dirty.add(name)
             self._update_battery_avail(None, name)
             self._cv.notify_all()
 
@@ -615,14 +598,11 @@ class MqttOutput:
         for name, b in self.batteries.items():
             if name != battery and (sensor is None or sensor not in b.sensors):
                 continue
-            latest = self._bat_latest.get(name)
+            latest = self._bat_ch.latest.get(name)
             if latest is None:
                 continue   # nothing to show yet: Home Assistant keeps it unavailable
-            up = not latest[0].stale_sensors and all(self._avail.get(m) != OFFLINE for m in b.sensors)
-            value = ONLINE if up else OFFLINE
-            if self._bat_avail.get(name) != value:
-                self._bat_avail[name] = value
-                self._bat_avail_dirty.add(name)
+            up = not latest[0].stale_sensors and all(self._meter_ch.avail.get(m) != OFFLINE for m in b.sensors)
+            self._bat_ch.set_avail(name, ONLINE if up else OFFLINE)
 
     # ------------------------------------------------------------------------------ the stream
 
@@ -694,19 +674,19 @@ class MqttOutput:
             return {
                 "url": self.settings.url, "connected": self._connected, "last_error": "" if self._connected else self.last_error,
                 "connects": self.connects, "states_sent": self.states_sent, "states_coalesced": self.states_coalesced,
-                "states_waiting": len(self._state_dirty), "stream_sent": self.stream_sent,
+                "states_waiting": len(self._meter_ch.dirty), "stream_sent": self.stream_sent,
                 "stream_in_flight": sum(1 for i in self._stream_pending if not _acked(i)),
                 "announcements": self.announcements, "entities_removed": self.entities_removed,
-                "meters_offline": sorted(k for k, v in self._avail.items() if v == OFFLINE),
+                "meters_offline": self._meter_ch.offline(),
                 "battery_states_sent": self.battery_states_sent,
-                "batteries_offline": sorted(k for k, v in self._bat_avail.items() if v == OFFLINE),
+                "batteries_offline": self._bat_ch.offline(),
             }
 
     # --------------------------------------------------------------------------- discovery
 
-    def _availability(self, sensor: str) -> list[dict[str, str]]:
+    def _availability(self, topic: str) -> list[dict[str, str]]:
         return [{"topic": t, "payload_available": ONLINE, "payload_not_available": OFFLINE}
-                for t in (self.status_topic, self.topic(sensor, "availability"))]
+                for t in (self.status_topic, topic)]
 
     def _discovery_configs(self) -> dict[str, str]:
         """topic → retained JSON payload, for every entity this output announces."""
@@ -725,11 +705,11 @@ class MqttOutput:
             dev_id = f"{self._poller_device_id}_{sl}"
             device = {"identifiers": [dev_id], "name": sensor, "manufacturer": MANUFACTURER, "model": m.model.title,
                       "via_device": self._poller_device_id}
-            state = self.topic(sensor, "state")
+            state, availability = self.topic(sensor, "state"), self._availability(self.topic(sensor, "availability"))
             for reg in m.model.inputs:
                 f = reg.name
                 common: dict[str, Any] = {"unique_id": f"{dev_id}_{f}", "state_topic": state,
-                                          "availability": self._availability(sensor), "availability_mode": "all",
+                                          "availability": availability, "availability_mode": "all",
                                           "qos": s.qos, "device": device, "origin": origin}
                 if f.endswith("_alarm"):
                     cfg = {"name": f.replace("_", " ").capitalize(),
@@ -759,8 +739,7 @@ class MqttOutput:
         dev_id = f"{self._poller_device_id}__battery_{bs}"
         device = {"identifiers": [dev_id], "name": name, "manufacturer": "dcmon", "model": b.model,
                   "via_device": self._poller_device_id}
-        availability = [{"topic": t, "payload_available": ONLINE, "payload_not_available": OFFLINE}
-                        for t in (self.status_topic, self.battery_topic(name, "availability"))]
+        availability = self._availability(self.battery_topic(name, "availability"))
         out: dict[str, str] = {}
         for key, (label, dclass, sclass, unit, places, template) in BATTERY_ENTITIES.items():
             cfg: dict[str, Any] = {"name": label, "unique_id": f"{dev_id}_{key}",
@@ -796,7 +775,7 @@ class MqttOutput:
                 with self._cv:
                     # a state waiting for its predecessor's acknowledgement: look again soon (paho marks a
                     # message acknowledged just after on_publish, so that wake-up can come too early)
-                    idle = 0.05 if self._connected and (self._state_dirty or self._bat_dirty) else _IDLE_S
+                    idle = 0.05 if self._connected and any(ch.dirty for ch in self._channels) else _IDLE_S
                     self._cv.wait_for(lambda: self._stopping or self._has_work(), idle)
                     self.last_progress = time.monotonic()
                     if not self._has_work():
@@ -818,46 +797,30 @@ class MqttOutput:
     def _has_work(self) -> bool:
         if not self._connected:
             return False
-        if self._resync or self._announce or self._removals or self._avail_dirty or self._bat_avail_dirty:
+        if self._resync or self._announce or self._removals or any(ch.avail_dirty for ch in self._channels):
             return True
-        return any(self._can_send_state(s) for s in self._state_dirty) or \
-            any(self._can_send_battery(b) for b in self._bat_dirty)
-
-    def _can_send_state(self, sensor: str) -> bool:
-        info = self._state_inflight.get(sensor)
-        return info is None or _done(info)
-
-    def _can_send_battery(self, battery: str) -> bool:
-        info = self._bat_inflight.get(battery)
-        return info is None or _done(info)
+        return any(ch.can_send(k) for ch in self._channels for k in ch.dirty)
 
     def _take_work(self) -> _Work:
         resync, self._resync = self._resync, False
         if resync:
             self._announce = True
-            self._avail_dirty |= set(self._avail)
-            self._state_dirty |= set(self._latest)
-            self._bat_avail_dirty |= set(self._bat_avail)
-            self._bat_dirty |= set(self._bat_latest)
+            for ch in self._channels:
+                ch.avail_dirty |= set(ch.avail)
+                ch.dirty |= set(ch.latest)
         announce, self._announce = self._announce, False
         removals, self._removals = sorted(self._removals), set()
         clear, self._clear = sorted(self._clear), set()
-        avail = [(self.topic(k, "availability"), self._avail[k]) for k in sorted(self._avail_dirty)]
-        avail += [(self.battery_topic(k, "availability"), self._bat_avail[k]) for k in sorted(self._bat_avail_dirty)]
-        self._avail_dirty.clear()
-        self._bat_avail_dirty.clear()
-        states: list[tuple[str, Reading]] = []
-        batteries: list[tuple[str, BatteryState, int]] = []
-        if not announce:  # Home Assistant wants the configs before the states
-            for sensor in sorted(self._state_dirty):
-                if self._can_send_state(sensor):
-                    states.append((sensor, self._latest[sensor]))
-            self._state_dirty -= {k for k, _ in states}
-            for name in sorted(self._bat_dirty):
-                if self._can_send_battery(name):
-                    batteries.append((name, *self._bat_latest[name]))
-            self._bat_dirty -= {k for k, _, _ in batteries}
-        return _Work(resync, announce, removals, avail, states, batteries, clear)
+        avail: list[tuple[str, str]] = []
+        states: list[tuple[_Channel[Any], str, Any]] = []
+        for ch in self._channels:
+            avail += [(ch.topic(k, "availability"), ch.avail[k]) for k in sorted(ch.avail_dirty)]
+            ch.avail_dirty.clear()
+            if not announce:  # Home Assistant wants the configs before the states
+                ready = [k for k in sorted(ch.dirty) if ch.can_send(k)]
+                states += [(ch, k, ch.latest[k]) for k in ready]
+                ch.dirty -= set(ready)
+        return _Work(resync, announce, removals, avail, states, clear)
 
     def _do(self, w: _Work) -> None:
         s = self.settings
@@ -881,8 +844,8 @@ class MqttOutput:
                 pending.append(self._publish(t, payload, s.qos, True))
             with self._cv:
                 self.announcements += 1
-                self._state_dirty |= set(self._latest)  # after a Home Assistant restart it needs states again
-                self._bat_dirty |= set(self._bat_latest)
+                for ch in self._channels:  # after a Home Assistant restart it needs states again
+                    ch.dirty |= set(ch.latest)
                 self._cv.notify_all()
         for t in removals:
             pending.append(self._publish(t, "", s.qos, True))
@@ -898,17 +861,11 @@ class MqttOutput:
                      len(w.clear))
         for topic, value in avail:
             pending.append(self._publish(topic, value, s.qos, True))
-        for sensor, r in states:
-            info = self._publish(self.topic(sensor, "state"), state_payload(r), s.qos, s.retain_state)
+        for ch, name, value in states:
+            info = self._publish(ch.topic(name, "state"), ch.payload(value), s.qos, s.retain_state)
             with self._cv:
-                self._state_inflight[sensor] = info
-                self.states_sent += 1
-        for name, st, t_ns in w.batteries:
-            payload = battery_payload(st, t_ns)
-            info = self._publish(self.battery_topic(name, "state"), payload, s.qos, s.retain_state)
-            with self._cv:
-                self._bat_inflight[name] = info
-                self.battery_states_sent += 1
+                ch.inflight[name] = info
+                ch.sent += 1
         if pending:
             with self._cv:
                 self._pending = [i for i in self._pending if not _done(i)] + pending
@@ -1012,7 +969,7 @@ class MqttOutput:
                     properties: object) -> None:
         try:
             with self._cv:
-                if self._state_dirty or self._bat_dirty or self._flushing:
+                if self._flushing or any(ch.dirty for ch in self._channels):
                     self._cv.notify_all()
         except Exception:  # noqa: BLE001
             log.exception("%s: on_publish failed", self.where)
@@ -1034,9 +991,51 @@ class _Work:
     announce: bool
     removals: list[str]
     avail: list[tuple[str, str]]                    # (topic, online/offline)
-    states: list[tuple[str, Reading]]
-    batteries: list[tuple[str, BatteryState, int]]  # (battery, state, wall time of the state)
+    states: list[tuple[_Channel[Any], str, Any]]    # (channel, meter or battery, its newest value)
     clear: list[str] = field(default_factory=list)  # retained topics of removed entities, cleared
+
+
+_V = TypeVar("_V")
+
+
+@dataclass(eq=False)
+class _Channel(Generic[_V]):
+    """The newest state and the availability of each meter (or of each battery), guarded by the output's _cv;
+    at most one state message per name in flight."""
+
+    topic: Callable[[str, str], str]    # (name, leaf) -> topic
+    payload: Callable[[_V], str]        # the state message's JSON
+    latest: dict[str, _V] = field(default_factory=dict)   # a battery's: (state, wall time of the state)
+    dirty: set[str] = field(default_factory=set)          # latest not sent yet
+    inflight: dict[str, mqtt.MQTTMessageInfo] = field(default_factory=dict)   # the last state message sent
+    avail: dict[str, str] = field(default_factory=dict)   # online / offline
+    avail_dirty: set[str] = field(default_factory=set)    # avail not sent yet
+    sent: int = 0                       # state messages handed to paho
+
+    def put(self, name: str, value: _V) -> bool:
+        """Keep ``value`` as the newest, to be sent; True if it replaced one not sent yet."""
+        coalesced = name in self.dirty
+        self.latest[name] = value
+        self.dirty.add(name)
+        return coalesced
+
+    def set_avail(self, name: str, value: str) -> bool:
+        """True if that changed the availability (then it is sent)."""
+        if self.avail.get(name) == value:
+            return False
+        self.avail[name] = value
+        self.avail_dirty.add(name)
+        return True
+
+    def can_send(self, name: str) -> bool:
+        info = self.inflight.get(name)
+        return info is None or _done(info)
+
+    def waiting(self) -> int:
+        return len(self.dirty) + sum(1 for i in self.inflight.values() if not _done(i))
+
+    def offline(self) -> list[str]:
+        return sorted(k for k, v in self.avail.items() if v == OFFLINE)
 
 
 def _unique_slugs(names: Iterable[str], source: str | None, key: str, what: str) -> dict[str, str]:
