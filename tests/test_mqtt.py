@@ -322,6 +322,23 @@ def test_last_will_says_offline_when_the_process_is_killed(broker):
         sub.stop()
 
 
+def test_a_host_name_with_topic_wildcards_still_announces_and_flushes(broker):
+    """host = "pi #2" is a valid host tag; '#' and '+' are MQTT wildcards, so every topic uses its slug (the
+    barrier subscription once used the raw name: paho refused it, nothing was announced, flush always failed)"""
+    sub = Sub(broker, "homeassistant/#", "dcmon/#")
+    out = MqttOutput(settings(broker), host="pi #2+", meters=METERS, reconnect_min_s=1, reconnect_max_s=1).start()
+    try:
+        assert out.wait_connected(10), out.last_error
+        assert "#" not in out.base and "+" not in out.base, out.base
+        out.publish_state(reading("battery", fake_values(10.0)))
+        assert out.flush(10)
+        assert sub.wait(lambda m: sum(t.startswith("homeassistant/sensor/") for _, t, _ in m) == 4 * 2)
+        assert sub.wait(lambda m: len(sub.on(out.topic("battery", "state"))) == 1)
+    finally:
+        out.close()
+        sub.stop()
+
+
 def test_birth_message_re_announces_but_a_stored_one_does_not(broker):
     sub = Sub(broker, "homeassistant/sensor/#", "dcmon/pi/+/state")
     out = output(broker)

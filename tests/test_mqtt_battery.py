@@ -481,3 +481,12 @@ def test_flush_waits_until_the_broker_has_sent_back_our_retained_configs(broker)
         assert out.flush(5.0) is True
     finally:
         out.close()
+
+
+def test_states_waiting_counts_battery_states_too():
+    """status()['states_waiting']: what is held for the broker, meters' and batteries' (no broker: never started)"""
+    mon = BatteryMonitor(BatterySettings.preset("house", 100, charge=["charger"], discharge=["loads"]))
+    s = MqttSettings.from_dict({"enabled": True, "url": "mqtt://127.0.0.1:1"}, "config.toml")
+    out = MqttOutput(s, host=HOST, meters=[], batteries=[BatteryInfo("house", sensors=("charger", "loads"))])
+    out.publish_battery(mon.snapshot())
+    assert out.status()["states_waiting"] == 1

@@ -674,7 +674,7 @@ class MqttOutput:
             return {
                 "url": self.settings.url, "connected": self._connected, "last_error": "" if self._connected else self.last_error,
                 "connects": self.connects, "states_sent": self.states_sent, "states_coalesced": self.states_coalesced,
-                "states_waiting": len(self._meter_ch.dirty), "stream_sent": self.stream_sent,
+                "states_waiting": sum(len(ch.dirty) for ch in self._channels), "stream_sent": self.stream_sent,
                 "stream_in_flight": sum(1 for i in self._stream_pending if not _acked(i)),
                 "announcements": self.announcements, "entities_removed": self.entities_removed,
                 "meters_offline": self._meter_ch.offline(),
@@ -833,7 +833,7 @@ class MqttOutput:
             if self.settings.discovery:   # the barrier: answered after the retained configs above were sent
                 with self._cv:
                     self._configs_read = False
-                _rc, mid = self._client.subscribe(f"{self.settings.topic_prefix}/{self.host}/_sync", 0)
+                _rc, mid = self._client.subscribe(f"{self.base}/_sync", 0)   # base: the host as a safe topic level
                 with self._cv:
                     self._barrier_mid = mid
                     self._configs_read = mid in self._subacks
