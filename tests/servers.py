@@ -144,16 +144,17 @@ class VictoriaMetrics(_Server):
     def flush(self) -> None:
         httpx.get(f"{self.url}/internal/force_flush", timeout=10)
 
-    def export(self, match: str) -> list[dict]:
-        """Series matching a PromQL selector, via /api/v1/export (JSON lines)."""
+    def export(self, match: str, series: int = 1) -> list[dict]:
+        """Series matching a PromQL selector, via /api/v1/export (JSON lines): once at least ``series`` of
+        them are searchable, or what there is after 10 s."""
         import json
         deadline = time.monotonic() + 10
-        while True:  # freshly written series become searchable a moment after a flush
+        while True:  # freshly written series become searchable a moment after a flush, not all at once
             self.flush()
             r = httpx.get(f"{self.url}/api/v1/export", params={"match[]": match}, timeout=30)
             r.raise_for_status()
             rows = [json.loads(line) for line in r.text.splitlines() if line.strip()]
-            if rows or time.monotonic() > deadline:
+            if len(rows) >= series or time.monotonic() > deadline:
                 return rows
             time.sleep(0.2)
 

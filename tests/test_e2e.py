@@ -92,7 +92,7 @@ def test_once_simulator_to_real_influxdb_v1(tmp_path, influxd, fresh_db, sim, ca
 def test_once_v2_write_api_into_victoriametrics(tmp_path, victoria, sim):
     cfg = config.load(write_cfg(tmp_path, url=victoria.url, port=sim.path, api=2, db="b2", token="secret-token"), env={})
     assert run(cfg, once=True) == 0
-    series = victoria.export('{__name__="dc_power_voltage_v",host="e2e"}')
+    series = victoria.export('{__name__="dc_power_voltage_v",host="e2e"}', series=2)
     assert {s["metric"]["sensor"] for s in series} == {"battery", "solar"}
     assert all(12 < s["values"][-1] < 15 for s in series)
 
