@@ -138,13 +138,8 @@ class Plan:
         b = self.battery
         return f"SELECT {', '.join(cols)} INTO {self.src(HOUR_RP, b)} FROM {self.src(MINUTE_RP, b)}"
 
-    def cq_names(self, m: str) -> tuple[str, ...]:
-        """The continuous queries' names of one measurement."""
-        kinds = ("1m", "1h") if m == self.battery else ("1m_stats", "1m_energy", "1h")
-        return tuple(f"{CQ_PREFIX}{m}_{k}" for k in kinds)
-
-    def continuous_queries(self) -> dict[str, str]:
-        """name → CREATE CONTINUOUS QUERY statement."""
+    def continuous_queries(self, only: str | None = None) -> dict[str, str]:
+        """name → CREATE CONTINUOUS QUERY statement, of every measurement or of the measurement ``only``."""
         out = {}
         queries: list[tuple[str, tuple[tuple[str, str, str, str, str], ...]]]
         queries = [(m, (("1m_stats", self.stats_1m(m), "1m", "2m", "1m"),
@@ -153,6 +148,8 @@ class Plan:
         queries.append((self.battery, (("1m", self.battery_1m(), "1m", "2m", "1m"),
                                        ("1h", self.battery_1h(), "10m", "2h", "1h"))))
         for m, kinds in queries:
+            if only is not None and m != only:
+                continue
             for kind, select, every, for_, group in kinds:
                 name = f"{CQ_PREFIX}{m}_{kind}"
                 out[name] = (f"CREATE CONTINUOUS QUERY {q(name)} ON {q(self.db)} RESAMPLE EVERY {every} FOR {for_} "
@@ -302,7 +299,7 @@ def setup(cfg: Config, api: Influx, *, say: Callable[[str], None] = print) -> Pl
     existing = {r["name"]: r["query"] for s in api.run("SHOW CONTINUOUS QUERIES") if s.get("name") == ix.database
                 for r in (dict(zip(s["columns"], v)) for v in s.get("values", []))}
     # measurements none of whose continuous queries existed yet (the battery's on a database set up before)
-    new = tuple(m for m in plan.all_measurements if not any(n in existing for n in plan.cq_names(m)))
+    new = tuple(m for m in plan.all_measurements if existing.keys().isdisjoint(plan.continuous_queries(m)))
     for name, stmt in plan.continuous_queries().items():
         if name in existing and _same_cq(existing[name], stmt):
             continue
