@@ -30,7 +30,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from dcmon import config
-from dcmon.battery_service import BatteryService, influx_fields
+from dcmon.battery_service import FIELDS, BatteryService, influx_fields
 from dcmon.battery_sim import BatteryModel, pzem_reading
 from dcmon.cli import main
 from dcmon.influx_setup import (BATTERY_LAST, BATTERY_RAW_ONLY, BATTERY_STATS, HOUR_RP, MINUTE_RP, Backfill,
@@ -278,6 +278,7 @@ def test_every_field_is_downsampled_or_said_to_stay_raw(bat):
     lists = (BATTERY_STATS, BATTERY_LAST, BATTERY_RAW_ONLY)
     assert sorted(f for fs in lists for f in fs) == sorted(set(f for fs in lists for f in fs))
     assert written <= set(BATTERY_STATS + BATTERY_LAST + BATTERY_RAW_ONLY), written - set(sum(lists, ()))
+    assert set(BATTERY_STATS + BATTERY_LAST + BATTERY_RAW_ONLY) == set(FIELDS)   # and none that is never written
     assert {"unknown_reason", "soc_pct", "time_to_go_s", "consumed_ah", "net_current_a"} <= written
 
 

@@ -234,6 +234,10 @@ def peukert_factor(settings: BatterySettings, current_a: float) -> float:
     return (current_a / settings.rated_current_a) ** (settings.peukert - 1.0)
 
 
+# BatteryState's attributes that are not fields of its point ("status" is, but comes first)
+_NOT_FIELDS = ("name", "status", "stale_sensors", "last_full_ns")
+
+
 @dataclass(frozen=True)
 class BatteryState:
     """What the monitor knows now. None = unknown (never a guess)."""
@@ -263,13 +267,18 @@ class BatteryState:
     stale_sensors: tuple[str, ...] = ()
 
 
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        """Every key ``fields()`` can give, in its order."""
+        return ("status", "soc_known", *(f.name for f in fields(cls) if f.name not in _NOT_FIELDS))
+
     def fields(self) -> dict[str, float | int | bool | str]:
         """For an InfluxDB point / MQTT / HTTP: unknown values are left out (never written as 0); each
         field keeps one type (floats stay floats)."""
         out: dict[str, float | int | bool | str] = {"status": self.status, "soc_known": self.soc_pct is not None}
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name in ("name", "status", "stale_sensors", "last_full_ns") or v is None:
+            if f.name in _NOT_FIELDS or v is None:
                 continue
             if f.name == "unknown_reason":
                 if v:

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 MEASUREMENT = "battery"
 # BatteryState.fields() names → the measurement's field names (units in the names, like dc_power's)
 _RENAME = {"current_a": "net_current_a", "power_w": "net_power_w"}
+# every field the measurement's points can have (influx_fields' keys; a point leaves out what is unknown)
+FIELDS = tuple(_RENAME.get(n, n) for n in BatteryState.field_names())
 # a reading's wall time older than this (or in the future) is not used to place it on the monotonic clock
 _MAX_READING_AGE_S = 30.0
 
@@ -258,5 +260,5 @@ def status_lines(batteries: Mapping[str, Any], *, now_ns: int | None = None) -> 
     return out
 
 
-__all__ = ["BatteryService", "MEASUREMENT", "duration", "fit_to_interval", "headline", "influx_fields", "settings_entry",
+__all__ = ["BatteryService", "FIELDS", "MEASUREMENT", "duration", "fit_to_interval", "headline", "influx_fields", "settings_entry",
            "short_reason", "status_entry", "status_lines", "store_path"]

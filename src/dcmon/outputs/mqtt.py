@@ -64,7 +64,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from .. import __version__
 from ..errors import ConfigError, SinkAuth, SinkError, SinkPermanent, SinkRetryable
-from ..battery_service import influx_fields
+from ..battery_service import FIELDS, influx_fields
 from ..models import Model, decimals
 from ..reading import FieldScalar, Reading
 from .base import Output, OutputContext
@@ -323,10 +323,7 @@ class BatteryInfo:
 
 # Every key of a battery's state JSON: the fields of InfluxDB's ``battery`` measurement (docs/battery.md),
 # each present in every message, null while unknown (never 0).
-BATTERY_KEYS = ("status", "soc_known", "soc_pct", "unknown_reason", "time_to_go_s", "voltage_v", "net_current_a",
-                "net_power_w", "consumed_ah", "charged_ah", "discharged_ah", "charged_kwh", "discharged_kwh",
-                "deepest_discharge_ah", "last_discharge_ah", "average_discharge_ah", "full_cycles",
-                "synchronisations", "min_voltage_v", "max_voltage_v", "time_since_full_s")
+BATTERY_KEYS = FIELDS
 # (charged/discharged Ah and kWh, which Home Assistant reads as total_increasing, only ever grow: dcmon.battery)
 
 
