@@ -10,7 +10,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from .config import Config, SensorConfig, load
 from .errors import ConfigError, DcmonError
@@ -180,6 +182,21 @@ def _clock(t: object) -> str:
         return "an unknown time"
 
 
+def read_record(path: Path) -> dict:
+    """status.json as a dict; OSError (missing, not permitted, ...) or ValueError (not a JSON object): the
+    callers say what each means for them."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    return data
+
+
+def down_reason(s: Mapping[str, Any], buses: Mapping[str, Any]) -> str | None:
+    """Why a sensor of the status record is down (its last error, or its bus's), or None while it is up."""
+    bus_error = (buses.get(str(s.get("bus"))) or {}).get("error", "")
+    return (s.get("last_error") or bus_error) if s.get("up") is False or bus_error else None
+
+
 def assess(data: dict, *, now: float | None = None, max_age_s: float = STATUS_MAX_AGE_S,
            max_backlog_s: float = STATUS_MAX_BACKLOG_S) -> tuple[int, list[str]]:
     """The verdict on a status record: (exit status, problems). Not running (stopped, a dead pid, a stale
@@ -199,9 +216,8 @@ def assess(data: dict, *, now: float | None = None, max_age_s: float = STATUS_MA
     problems = []
     buses = data.get("buses") or {}
     for name, s in (data.get("sensors") or {}).items():
-        bus_error = (buses.get(s.get("bus")) or {}).get("error", "")
-        if s.get("up") is False or bus_error:
-            problems.append(f"sensor {name!r} is down: {s.get('last_error') or bus_error}")
+        if (why := down_reason(s, buses)) is not None:
+            problems.append(f"sensor {name!r} is down: {why}")
     sp = data.get("spool") or {}
     oldest = sp.get("oldest_time_ns")
     if data.get("influxdb_enabled", True) and oldest:
@@ -239,9 +255,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     path = service_status_path() or status_path(load(args.config))
     problem = ""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
+        data = read_record(path)
     except FileNotFoundError:
         code, problem = STATUS_CRITICAL, (f"no status at {path}: the poller is not running "
                                           f"(systemctl status dcmon; or start it: sudo systemctl start dcmon)")

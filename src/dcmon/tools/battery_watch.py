@@ -45,7 +45,6 @@ from ..meter import read_values
 from .target import next_tick, note
 
 if TYPE_CHECKING:
-    from ..bus import Bus
     from ..config import Config, SensorConfig
 
 RESTART_GRACE_S = 10.0   # a service that stopped this recently may be restarting: leave it the port
@@ -90,12 +89,10 @@ def check_options(args: argparse.Namespace) -> None:
 def service_record(path: Path) -> tuple[dict[str, Any] | None, str]:
     """(the status record, "") while the service runs; (None, why not) otherwise. A status this user may not
     read is one line (DcmonError): watch cannot tell whether the service holds the port."""
-    from ..service_cli import STATUS_CRITICAL, assess
+    from ..service_cli import STATUS_CRITICAL, assess, read_record
 
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
+        data = read_record(path)
     except FileNotFoundError:
         return None, f"no status at {path}"
     except PermissionError:
@@ -112,15 +109,14 @@ def service_record(path: Path) -> tuple[dict[str, Any] | None, str]:
 
 def _record_problems(rec: Mapping[str, Any], bat: BatterySettings) -> list[str]:
     """What the service says about this battery's meters: down, or their bus failing."""
+    from ..service_cli import down_reason
+
     out = []
     sensors, buses = rec.get("sensors") or {}, rec.get("buses") or {}
     for name in bat.sensors:
         s = sensors.get(name)
-        if not isinstance(s, Mapping):
-            continue
-        bus_error = (buses.get(s.get("bus")) or {}).get("error", "") if isinstance(buses, Mapping) else ""
-        if s.get("up") is False or bus_error:
-            out.append(f"sensor {name!r} down: {s.get('last_error') or bus_error}")
+        if isinstance(s, Mapping) and (why := down_reason(s, buses if isinstance(buses, Mapping) else {})) is not None:
+            out.append(f"sensor {name!r} down: {why}")
     return out
 
 
