@@ -488,7 +488,7 @@ class BatteryMonitor:
             h.carry_ah = h.carry_wh = 0.0
             h.carry_charging = charging
         sign = 1.0 if charging else -1.0   # + : flow in the present direction
-        t_ah, t_wh = sign * ah + sign * h.carry_ah, sign * wh + sign * h.carry_wh
+        t_ah, t_wh = sign * (ah + h.carry_ah), sign * (wh + h.carry_wh)
         if charging:
             h.charged_ah += max(t_ah, 0.0)
             h.charged_wh += max(t_wh, 0.0)
@@ -535,8 +535,8 @@ class BatteryMonitor:
             self._sync_latched = True
             self.synchronise(time_ns)
 
-    def synchronise(self, time_ns: int) -> None:
-        """Set the state of charge to 100 % (the charged conditions held; also for a manual sync)."""
+    def synchronise(self, time_ns: int, how: str = "") -> None:
+        """Set the state of charge to 100 % (the charged conditions held; ``how`` " (by hand)": a manual sync)."""
         s = self.settings
         if self.soc_known and self.cycle_depth_ah >= s.capacity_ah * MIN_COUNTED_DEPTH_PCT / 100.0:
             self.h.last_depth_ah = self.cycle_depth_ah
@@ -549,14 +549,13 @@ class BatteryMonitor:
         self.h.syncs += 1
         self.h.last_full_ns = time_ns
         self.changed = True
-        self.events.append(f"battery {s.name}: synchronised to 100 %{was}")
+        self.events.append(f"battery {s.name}: synchronised to 100 %{was}{how}")
 
     def synchronise_by_hand(self, time_ns: int) -> None:
         """The user says the battery is full now (``dcmon battery sync``, Victron's "Synchronise SoC to
         100 %"): synchronise, and forget the meters' counter baselines, so that what flowed before now (since
         the state was last saved) is not counted against the new 100 %."""
-        self.synchronise(time_ns)
-        self.events[-1] += " (by hand)"
+        self.synchronise(time_ns, " (by hand)")
         for m in self._meters.values():
             m.total_wh = m.counter_wh = m.last_ns = m.last_mono = None
             m.phase_known = False
