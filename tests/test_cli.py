@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -88,6 +89,14 @@ def test_a_reader_that_goes_away_is_no_traceback(tmp_path):
         r = subprocess.run(["bash", "-c", 'set -o pipefail; "$@" | true', "sh", sys.executable, "-m", "dcmon.cli", *cmd],
                            capture_output=True, text=True, timeout=60)
         assert "Traceback" not in r.stderr and r.returncode == 0, (cmd, r.returncode, r.stderr)
+    # `dcmon status` keeps its verdict as the exit status (no status file: CRITICAL, 2), however early the
+    # reader leaves: a monitoring script with pipefail must not read "OK"
+    cfg.write_text(f'[spool]\npath = "{tmp_path}/spool.sqlite"\n' + cfg.read_text())
+    for reader in ("true", "head -c 1", "cat"):
+        r = subprocess.run(["bash", "-c", f'set -o pipefail; "$@" | {reader} >/dev/null', "sh", sys.executable, "-m",
+                            "dcmon.cli", "status", "--config", str(cfg)], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "DCMON_STATUS_PATH": str(tmp_path / "none" / "status.json")})
+        assert "Traceback" not in r.stderr and r.returncode == 2, (reader, r.returncode, r.stderr)
 
 
 def test_a_killed_poller_not_yet_reaped_is_not_running():

@@ -189,11 +189,17 @@ def say_error(text: str) -> None:
     print(("<3>" if under_journal() else "") + text, file=sys.stderr)
 
 
+def discard_stdout() -> None:
+    """The reader of standard output went away (`dcmon ... | head -1`): what is still to be written goes
+    nowhere (else the flush at exit fails too, with a traceback)."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def run_main() -> None:
     try:
         code = main()
-    except BrokenPipeError:   # `dcmon status | head -1`: the reader has what it wanted (every command alike)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # (else the exit's flush fails too)
+    except BrokenPipeError:   # the reader has what it wanted (every command alike; `status` keeps its verdict)
+        discard_stdout()
         code = 0
     sys.exit(code)
 

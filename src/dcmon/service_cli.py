@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .config import Config, SensorConfig, load
 from .errors import ConfigError, DcmonError
@@ -252,6 +252,21 @@ def _status_verdict(code: int, problems: list[str], data: dict | None = None) ->
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """The report, then its verdict as the exit status, also when the reader stops early (`dcmon status |
+    head -1`): the verdict is the command's answer, the text only its explanation."""
+    lines: list[str] = []
+    code = _status_report(args, lines.append)
+    try:
+        sys.stdout.write("".join(line + "\n" for line in lines))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        from .cli import discard_stdout
+
+        discard_stdout()
+    return code
+
+
+def _status_report(args: argparse.Namespace, say: Callable[[str], None]) -> int:
     path = service_status_path() or status_path(load(args.config))
     problem = ""
     try:
@@ -266,42 +281,42 @@ def cmd_status(args: argparse.Namespace) -> int:
         code, problem = STATUS_UNKNOWN, f"cannot read the status {path}: {getattr(e, 'strerror', None) or e}"
     if problem:
         if args.json:
-            print(json.dumps({"health": {"status": _VERDICT[code], "exit": code, "problems": [problem]}}))
+            say(json.dumps({"health": {"status": _VERDICT[code], "exit": code, "problems": [problem]}}))
         else:
-            print(f"DCMON {_VERDICT[code]}: {problem}")
+            say(f"DCMON {_VERDICT[code]}: {problem}")
         return code
     code, problems = assess(data, max_age_s=args.max_age, max_backlog_s=args.max_backlog)
     if args.json:
-        print(json.dumps({**data, "health": {"status": _VERDICT[code], "exit": code, "problems": problems}}, indent=2))
+        say(json.dumps({**data, "health": {"status": _VERDICT[code], "exit": code, "problems": problems}}, indent=2))
         return code
-    print(_status_verdict(code, problems, data))
+    say(_status_verdict(code, problems, data))
     if args.brief:
         return code
     age = time.time() - float(data.get("time") or 0)
-    print(f"poller pid {data.get('pid')}, {data.get('state', 'running')}, status {age:.0f} s old"
+    say(f"poller pid {data.get('pid')}, {data.get('state', 'running')}, status {age:.0f} s old"
           + (f", dcmon {data['version']}" if data.get("version") else ""))
     for name, b in data.get("buses", {}).items():
-        print(f"bus {name}: {b['port']}{'  ERROR: ' + b['error'] if b.get('error') else ''}")
+        say(f"bus {name}: {b['port']}{'  ERROR: ' + b['error'] if b.get('error') else ''}")
     for name, s in data.get("sensors", {}).items():
         v = s.get("values") or {}
         state = {True: "up", False: "DOWN", None: "not polled"}[s.get("up")]
         when = f"{(time.time_ns() - s['last_time_ns']) / 1e9:.0f} s ago" if s.get("last_time_ns") else "never"
         vals = f"{v.get('voltage_v', 0):.2f} V {v.get('current_a', 0):.2f} A {v.get('power_w', 0):.1f} W" if v else ""
         backoff = f"  (backed off: next try in {s.get('retry_in_s', 0):.0f} s)" if s.get("backoff_s") else ""
-        print(f"  {name:<12} {state:<10} ok {s['polls_ok']} failed {s['polls_failed']}  last {when}  {vals}"
+        say(f"  {name:<12} {state:<10} ok {s['polls_ok']} failed {s['polls_failed']}  last {when}  {vals}"
               f"{'  ' + s['last_error'] if s.get('last_error') else ''}{backoff}")
     sp = data.get("spool", {})
     if sp:
-        print(f"spool: {sp.get('depth', 0)} queued, {sp.get('dropped_total', 0)} dropped, {sp.get('quarantined', 0)} quarantined"
+        say(f"spool: {sp.get('depth', 0)} queued, {sp.get('dropped_total', 0)} dropped, {sp.get('quarantined', 0)} quarantined"
               f"{'  last error: ' + data['sender_error'] if data.get('sender_error') else ''}")
     for name, o in (data.get("outputs") or {}).items():
         if isinstance(o, dict):
-            print(f"output {name}: {_output_state(o)}")
+            say(f"output {name}: {_output_state(o)}")
     if data.get("batteries"):
         from .battery_service import status_lines
 
         for line in status_lines(data["batteries"]):
-            print(line)
+            say(line)
     return code
 
 
